@@ -1,0 +1,175 @@
+"""The handler registry: `Worker().task(...)` turns a typed function into a task definition.
+
+Everything a handler declares (its name, params and result models from the type hints, its
+workspace spec and checks) is validated when the decorator runs, so that a mistake surfaces
+at import time with a clear message, not on the first task at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from perago_worker.checks import Check
+from perago_worker.context import TaskContext
+from perago_worker.paths import InvalidPrefix, normalize_prefix
+
+DEFAULT_RESPONSE_TIMEOUT = 300
+TASK_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+
+
+class RegistrationError(TypeError):
+    """A handler that cannot be registered as declared."""
+
+
+@dataclass(frozen=True)
+class WorkspaceSpec:
+    """Task metadata: which repository folder the handler sees as its workspace root.
+
+    The default `/` exposes the whole repository; `/audio/render` maps the objects under
+    `audio/render/` to the root of the local workspace.
+    """
+
+    prefix: str = "/"
+    key_prefix: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "key_prefix", normalize_prefix(self.prefix))
+        except InvalidPrefix as exc:
+            raise RegistrationError(f"WorkspaceSpec: {exc}") from None
+
+
+Handler = Callable[[TaskContext, Any], BaseModel]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    fn: Handler
+    params_model: type[BaseModel]
+    result_model: type[BaseModel]
+    workspace: WorkspaceSpec | None
+    pre: tuple[Check, ...]
+    post: tuple[Check, ...]
+    response_timeout_seconds: int
+    description: str
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+
+def _models_from_hints(name: str, fn: Callable[..., Any]) -> tuple[type[BaseModel], type[BaseModel]]:
+    where = f"task {name!r} ({getattr(fn, '__qualname__', fn)!r})"
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) != 2:
+        raise RegistrationError(
+            f"{where}: a handler takes exactly (ctx: TaskContext, params: <Pydantic model>), "
+            f"got {len(params)} parameter(s)"
+        )
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:  # a forward reference that does not resolve
+        raise RegistrationError(f"{where}: cannot resolve type hints: {exc}") from None
+    params_model = hints.get(params[1].name)
+    result_model = hints.get("return")
+    for label, model in (("params", params_model), ("return", result_model)):
+        if model is None:
+            raise RegistrationError(f"{where}: the {label} type hint is missing")
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise RegistrationError(
+                f"{where}: the {label} type hint must be a Pydantic v2 model class, got {model!r}"
+            )
+    ctx_hint = hints.get(params[0].name)
+    if ctx_hint is not None and ctx_hint is not TaskContext:
+        raise RegistrationError(f"{where}: the first parameter must be typed TaskContext")
+    assert params_model is not None and result_model is not None
+    return params_model, result_model
+
+
+class Worker:
+    """A registry of task handlers; `perago-worker run module:attribute` serves it."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, TaskSpec] = {}
+
+    @property
+    def tasks(self) -> dict[str, TaskSpec]:
+        return dict(self._tasks)
+
+    def task(
+        self,
+        name: str,
+        *,
+        workspace: WorkspaceSpec | None = None,
+        pre: Sequence[Check] = (),
+        post: Sequence[Check] = (),
+        response_timeout_seconds: int = DEFAULT_RESPONSE_TIMEOUT,
+        description: str = "",
+    ) -> Callable[[F], F]:
+        """Register `fn` as the handler of Conductor task type `name`.
+
+        Without `workspace` the task is workspace-free: no attempt directory, no lakeFS
+        access, and its input must not carry a `workspace`.
+        """
+        import re
+
+        if not isinstance(name, str) or not re.match(TASK_NAME_PATTERN, name):
+            raise RegistrationError(f"task name {name!r} must match {TASK_NAME_PATTERN}")
+        if name in self._tasks:
+            raise RegistrationError(
+                f"task {name!r} is already registered by {self._tasks[name].qualname}"
+            )
+        if workspace is not None and not isinstance(workspace, WorkspaceSpec):
+            raise RegistrationError(f"task {name!r}: workspace must be a WorkspaceSpec")
+        if workspace is None and (pre or post):
+            raise RegistrationError(
+                f"task {name!r} is workspace-free: workspace checks (pre/post) need a "
+                "workspace=WorkspaceSpec(...)"
+            )
+        for check in (*pre, *post):
+            if not isinstance(check, Check):
+                raise RegistrationError(
+                    f"task {name!r}: {check!r} is not a workspace check; use "
+                    "require_file/require_dir/require_glob/forbid_glob"
+                )
+        if response_timeout_seconds < 1:
+            raise RegistrationError(f"task {name!r}: response_timeout_seconds must be >= 1")
+
+        def register(fn: F) -> F:
+            params_model, result_model = _models_from_hints(name, fn)
+            self._tasks[name] = TaskSpec(
+                name=name,
+                fn=fn,
+                params_model=params_model,
+                result_model=result_model,
+                workspace=workspace,
+                pre=tuple(pre),
+                post=tuple(post),
+                response_timeout_seconds=response_timeout_seconds,
+                description=description or (inspect.getdoc(fn) or "").split("\n")[0],
+            )
+            return fn
+
+        return register
+
+
+def load_app(target: str) -> Worker:
+    """Import `module:attribute` and return the `Worker` it names."""
+    import importlib
+
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise RegistrationError(f"APP must look like 'package.module:attribute', got {target!r}")
+    module = importlib.import_module(module_name)
+    app = getattr(module, attribute, None)
+    if not isinstance(app, Worker):
+        raise RegistrationError(f"{target} is {type(app).__name__}, not a perago_worker.Worker")
+    return app

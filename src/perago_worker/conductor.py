@@ -1,0 +1,178 @@
+"""A thin adapter over conductor-python's API client, with the worker's retry policy.
+
+The SDK's bundled runner (`TaskHandler`) is not used: it installs no SIGTERM handler, kills
+in-flight tasks on stop, polls with a fixed 100 ms timeout and reports through
+`update-v2`, which hands out a next task that would be lost during a drain. The API client
+and models are used as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+from conductor.client.configuration.configuration import Configuration
+from conductor.client.configuration.settings.authentication_settings import (
+    AuthenticationSettings,
+)
+from conductor.client.http.api.metadata_resource_api import MetadataResourceApi
+from conductor.client.http.api.task_resource_api import TaskResourceApi
+from conductor.client.http.api.workflow_resource_api import WorkflowResourceApi
+from conductor.client.http.api_client import ApiClient
+from conductor.client.http.models.start_workflow_request import StartWorkflowRequest
+from conductor.client.http.models.task import Task
+from conductor.client.http.models.task_def import TaskDef
+from conductor.client.http.models.task_result import TaskResult
+from conductor.client.http.rest import ApiException
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from perago_worker.observability import metrics
+
+T = TypeVar("T")
+TERMINAL_TASK_STATES = frozenset(
+    {"COMPLETED", "COMPLETED_WITH_ERRORS", "FAILED", "FAILED_WITH_TERMINAL_ERROR",
+     "CANCELED", "TIMED_OUT", "SKIPPED"}
+)
+
+
+class ConductorError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"Conductor {status}: {message}")
+        self.status = status
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, ApiException):
+        status = exc.status or 0
+        return bool(exc.transient) or status == 0 or status == 429 or status >= 500
+    return False
+
+
+def _count_retry(state: RetryCallState) -> None:
+    metrics.RETRIES.labels(server="conductor").inc()
+
+
+def retrying(max_seconds: float) -> Retrying:
+    return Retrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        stop=stop_after_delay(max_seconds) | stop_after_attempt(50),
+        before_sleep=_count_retry,
+        reraise=True,
+    )
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """What `GET /api/tasks/{id}` says about a task: the truth the fences rely on."""
+
+    task_id: str
+    status: str
+    worker_id: str | None
+    poll_count: int
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_TASK_STATES
+
+
+class Conductor:
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth_key: str | None = None,
+        auth_secret: str | None = None,
+        retry_seconds: float = 30.0,
+    ) -> None:
+        auth = AuthenticationSettings(auth_key, auth_secret) if auth_key and auth_secret else None
+        config = Configuration(server_api_url=url.rstrip("/"), authentication_settings=auth)
+        self.url = url.rstrip("/")
+        self._client = ApiClient(config)
+        self.tasks = TaskResourceApi(self._client)
+        self.metadata = MetadataResourceApi(self._client)
+        self.workflows = WorkflowResourceApi(self._client)
+        self._retry_seconds = retry_seconds
+
+    def call(self, fn: Callable[..., T], *args: Any, retry_seconds: float | None = None, **kwargs: Any) -> T:
+        try:
+            for attempt in retrying(self._retry_seconds if retry_seconds is None else retry_seconds):
+                with attempt:
+                    return fn(*args, **kwargs)
+        except ApiException as exc:
+            raise ConductorError(exc.status or 0, str(getattr(exc, "message", exc))) from None
+        raise AssertionError("unreachable")
+
+    # -- the worker's calls --------------------------------------------------------------
+
+    def batch_poll(
+        self, task_type: str, worker_id: str, domain: str | None, count: int, timeout_ms: int
+    ) -> list[Task]:
+        """One long poll (no retry here: the poll loop owns the backoff)."""
+        kwargs: dict[str, Any] = {"workerid": worker_id, "count": count, "timeout": timeout_ms}
+        if domain:
+            kwargs["domain"] = domain
+        try:
+            return list(self.tasks.batch_poll(task_type, **kwargs) or [])
+        except ApiException as exc:
+            raise ConductorError(exc.status or 0, str(getattr(exc, "message", exc))) from None
+
+    def update(self, result: TaskResult, *, retry_seconds: float | None = None) -> None:
+        """`POST /api/tasks` (never update-v2, which would hand out a next task)."""
+        self.call(self.tasks.update_task, result, retry_seconds=retry_seconds)
+
+    def extend_lease(self, task: Task) -> None:
+        result = TaskResult(
+            workflow_instance_id=task.workflow_instance_id,
+            task_id=task.task_id,
+            status="IN_PROGRESS",
+            extend_lease=True,
+        )
+        self.call(self.tasks.update_task, result, retry_seconds=5)
+
+    def task_state(self, task_id: str) -> TaskState | None:
+        try:
+            task = self.call(self.tasks.get_task, task_id, retry_seconds=5)
+        except ConductorError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if task is None:
+            return None
+        return TaskState(task.task_id, str(task.status), task.worker_id, int(task.poll_count or 0))
+
+    # -- metadata and workflows (CLI, demo, tests) -----------------------------------------
+
+    def get_task_defs(self) -> list[TaskDef]:
+        return list(self.call(self.metadata.get_task_defs) or [])
+
+    def register_task_defs(self, defs: list[TaskDef]) -> None:
+        self.call(self.metadata.register_task_def, defs)
+
+    def update_task_def(self, task_def: TaskDef) -> None:
+        self.call(self.metadata.update_task_def, task_def)
+
+    def register_workflow(self, workflow_def: dict[str, Any]) -> None:
+        """Create or replace a workflow definition (raw JSON keeps examples readable)."""
+        self.call(self._client.call_api, "/metadata/workflow", "PUT", body=[workflow_def],
+                  header_params={"Content-Type": "application/json"}, _return_http_data_only=True)
+
+    def start_workflow(self, name: str, workflow_input: dict[str, Any], *, version: int | None = None,
+                       task_to_domain: dict[str, str] | None = None) -> str:
+        request = StartWorkflowRequest(name=name, version=version, input=workflow_input,
+                                       task_to_domain=task_to_domain)
+        return str(self.call(self.workflows.start_workflow, request))
+
+    def get_workflow(self, workflow_id: str) -> Any:
+        return self.call(self.workflows.get_execution_status, workflow_id, include_tasks=True)

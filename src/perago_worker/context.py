@@ -1,0 +1,83 @@
+"""What a handler sees of its attempt: identity, workspace, configuration, cancellation."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class NoWorkspaceError(AttributeError):
+    """A workspace-free task asked for its workspace."""
+
+
+class Cancelled(Exception):  # noqa: N818 (reads as an outcome, like asyncio.CancelledError)
+    """The attempt lost its lease (timed out, cancelled, re-delivered) or the worker drains."""
+
+
+class UnknownConfigKey(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class AttemptWorkspace:
+    """The private local copy of the workspace prefix for this attempt."""
+
+    root: Path
+    repository: str
+    branch: str
+    input_ref: str
+    prefix: str
+
+
+@dataclass
+class TaskContext:
+    task_id: str
+    workflow_id: str
+    task_type: str
+    reference_name: str
+    retry_count: int
+    poll_count: int
+    worker_id: str
+    environment: str
+    _workspace: AttemptWorkspace | None = None
+    _config: Callable[[str], str] | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = ""
+    log: Any = None
+
+    @property
+    def workspace(self) -> AttemptWorkspace:
+        if self._workspace is None:
+            raise NoWorkspaceError(
+                f"task {self.task_type!r} is workspace-free: it has no workspace "
+                "(register it with workspace=WorkspaceSpec(...) to get one)"
+            )
+        return self._workspace
+
+    @property
+    def has_workspace(self) -> bool:
+        return self._workspace is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def check_cancelled(self) -> None:
+        """Long handlers call this between steps to stop early when the attempt is dead."""
+        if self.cancel_event.is_set():
+            raise Cancelled(self.cancel_reason or "attempt cancelled")
+
+    def cancel(self, reason: str) -> None:
+        if not self.cancel_event.is_set():
+            self.cancel_reason = reason
+            self.cancel_event.set()
+
+    def config(self, key: str) -> str:
+        """Static configuration or a secret of the current environment (`handler_config`)."""
+        if self._config is None:
+            raise UnknownConfigKey(f"no handler configuration is set; {key!r} is unknown")
+        return self._config(key)

@@ -1,0 +1,144 @@
+"""The task contract: input and output shapes, and how each failure maps to a Conductor status.
+
+The workflow payload carries only the workspace identity that must travel between tasks
+(repository, target branch, immutable ref); the prefix, credentials and staging branch never
+enter it. The output `workspace` is exactly the next task's input `workspace`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+REPOSITORY_PATTERN = r"^[a-z0-9][a-z0-9-]{2,62}$"
+BRANCH_PATTERN = r"^\w[-\w]*$"
+MAX_REASON = 1000
+
+
+class WorkspaceRef(BaseModel):
+    """The flat `workspace` object: which repository, which target branch, which commit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repository: str = Field(pattern=REPOSITORY_PATTERN)
+    branch: str = Field(pattern=BRANCH_PATTERN, max_length=256)
+    ref_type: Literal["commit"]
+    ref: str = Field(min_length=1, max_length=256)
+
+
+class TaskInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workspace: WorkspaceRef | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workspace: WorkspaceRef | None = None
+    result: dict[str, Any]
+
+    def to_conductor(self) -> dict[str, Any]:
+        """Workspace-free tasks output only `result`: there is no workspace to pass on."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class Status(enum.StrEnum):
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    FAILED_WITH_TERMINAL_ERROR = "FAILED_WITH_TERMINAL_ERROR"
+
+
+class FailureKind(enum.StrEnum):
+    """Why an attempt failed. The value is the stable label used in reasons and metrics."""
+
+    INVALID_INPUT = "invalid_input"
+    FORBIDDEN_REPOSITORY = "forbidden_repository"
+    UNKNOWN_REF = "unknown_ref"
+    BAD_PARAMS = "bad_params"
+    UNSAFE_KEY = "unsafe_key"
+    PRE_CHECK = "pre_check"
+    HANDLER_ERROR = "handler_error"
+    HANDLER_TERMINAL = "handler_terminal"
+    INVALID_RESULT = "invalid_result"
+    POST_CHECK = "post_check"
+    UNPUBLISHABLE = "unpublishable"
+    MERGE_CONFLICT = "merge_conflict"
+    INFRASTRUCTURE = "infrastructure"
+    DISK_FULL = "disk_full"
+    ABORTED = "aborted"
+
+
+# Terminal: retrying with the same immutable input cannot help. Retryable: a new attempt may
+# succeed (the handler raised, the disk or a server hiccupped, the worker was draining).
+_STATUS: dict[FailureKind, Status] = {
+    FailureKind.INVALID_INPUT: Status.FAILED_WITH_TERMINAL_ERROR,
+    FailureKind.FORBIDDEN_REPOSITORY: Status.FAILED_WITH_TERMINAL_ERROR,
+    FailureKind.UNKNOWN_REF: Status.FAILED_WITH_TERMINAL_ERROR,
+    FailureKind.BAD_PARAMS: Status.FAILED_WITH_TERMINAL_ERROR,
+    FailureKind.UNSAFE_KEY: Status.FAILED_WITH_TERMINAL_ERROR,
+    FailureKind.PRE_CHECK: Status.FAILED_WITH_TERMINAL_ERROR,
+    FailureKind.HANDLER_ERROR: Status.FAILED,
+    FailureKind.HANDLER_TERMINAL: Status.FAILED_WITH_TERMINAL_ERROR,
+    FailureKind.INVALID_RESULT: Status.FAILED_WITH_TERMINAL_ERROR,
+    FailureKind.POST_CHECK: Status.FAILED,
+    FailureKind.UNPUBLISHABLE: Status.FAILED_WITH_TERMINAL_ERROR,
+    FailureKind.MERGE_CONFLICT: Status.FAILED_WITH_TERMINAL_ERROR,
+    FailureKind.INFRASTRUCTURE: Status.FAILED,
+    FailureKind.DISK_FULL: Status.FAILED,
+    FailureKind.ABORTED: Status.FAILED,
+}
+
+
+def status_for(kind: FailureKind) -> Status:
+    return _STATUS[kind]
+
+
+class TerminalError(Exception):
+    """Raise from a handler to fail the task without retries (bad data, not bad luck)."""
+
+
+class TaskFailure(Exception):
+    """An attempt's outcome other than success, carrying the kind and a bounded reason."""
+
+    def __init__(self, kind: FailureKind, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = bound_reason(f"{kind.value}: {reason}")
+
+    @property
+    def status(self) -> Status:
+        return status_for(self.kind)
+
+
+def bound_reason(text: str, limit: int = MAX_REASON) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe_validation_error(exc: ValidationError, where: str) -> str:
+    """One line per problem, naming the field path: `params.rows: Input should be ...`."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in (where, *err["loc"]) if p != "")
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_input(raw: dict[str, Any], *, wants_workspace: bool) -> TaskInput:
+    """Validate the Conductor task input against the contract (not yet against lakeFS)."""
+    try:
+        parsed = TaskInput.model_validate(raw)
+    except ValidationError as exc:
+        raise TaskFailure(FailureKind.INVALID_INPUT, describe_validation_error(exc, "")) from None
+    if wants_workspace and parsed.workspace is None:
+        raise TaskFailure(FailureKind.INVALID_INPUT, "workspace: required for a workspace task")
+    if not wants_workspace and parsed.workspace is not None:
+        raise TaskFailure(
+            FailureKind.INVALID_INPUT,
+            "workspace: this task is workspace-free and must not receive a workspace",
+        )
+    return parsed

@@ -1,0 +1,286 @@
+"""Start real lakeFS and Conductor servers as local processes on free loopback ports.
+
+The servers keep their state in a folder of the caller's choosing and write their logs to
+files there, so a failing test can show the tail, and a fault test can stop and restart a
+server on the same port and data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from perago_worker.devstack import tools
+
+# Fixed dev credentials: these only ever guard a throwaway server bound to loopback.
+DEV_ACCESS_KEY_ID = "AKIAPERAGODEVSTACK01"
+DEV_SECRET_ACCESS_KEY = "perago-devstack-secret-not-for-production-0"  # noqa: S105
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _http_ok(url: str, *, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback)
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return False
+
+
+@dataclass
+class ServerProcess:
+    """One server child process with a log file and a readiness probe."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    workdir: Path
+    ready: Callable[[], bool]
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"{self.name}.log"
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        # A new session: the server is not killed by a Ctrl-C aimed at the caller's group,
+        # and stop() can signal its whole tree.
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+
+    def wait_ready(self, timeout: float) -> float:
+        """Block until the probe answers; return the seconds it took."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode} before it was ready; "
+                    f"log tail:\n{self.tail()}"
+                )
+            if self.ready():
+                return time.monotonic() - started
+            time.sleep(0.25)
+        raise TimeoutError(
+            f"{self.name} not ready after {timeout:.0f}s; log tail:\n{self.tail()}"
+        )
+
+    def stop(self, *, kill: bool = False, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout)
+
+    def restart(self, timeout: float = 120.0) -> float:
+        self.stop()
+        self.start()
+        return self.wait_ready(timeout)
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def lakefs_server(workdir: Path, port: int, binary: Path) -> ServerProcess:
+    data = workdir / "lakefs-data"
+    env = {
+        **os.environ,
+        "LAKEFS_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+        "LAKEFS_DATABASE_TYPE": "local",
+        "LAKEFS_DATABASE_LOCAL_PATH": str(data / "metadata"),
+        "LAKEFS_BLOCKSTORE_TYPE": "local",
+        "LAKEFS_BLOCKSTORE_LOCAL_PATH": str(data / "blocks"),
+        "LAKEFS_COMMITTED_LOCAL_CACHE_DIR": str(data / "cache"),
+        "LAKEFS_AUTH_ENCRYPT_SECRET_KEY": "perago-devstack-encrypt-key",
+        "LAKEFS_INSTALLATION_USER_NAME": "perago-admin",
+        "LAKEFS_INSTALLATION_ACCESS_KEY_ID": DEV_ACCESS_KEY_ID,
+        "LAKEFS_INSTALLATION_SECRET_ACCESS_KEY": DEV_SECRET_ACCESS_KEY,
+        "LAKEFS_STATS_ENABLED": "false",
+        "LAKEFS_USAGE_REPORT_ENABLED": "false",
+        "LAKEFS_LOGGING_LEVEL": "WARN",
+        "LAKEFS_LOGGING_FORMAT": "text",
+    }
+    base = f"http://127.0.0.1:{port}"
+    return ServerProcess(
+        name="lakefs",
+        cmd=[str(binary), "run", "--local-settings"],
+        env=env,
+        workdir=workdir,
+        ready=lambda: _http_ok(f"{base}/api/v1/healthcheck"),
+    )
+
+
+def _conductor_ready(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:  # noqa: S310
+            if not json.load(resp).get("healthy"):
+                return False
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError):
+        return False
+    return _http_ok(f"{base}/api/metadata/taskdefs")
+
+
+def conductor_server(workdir: Path, port: int, jar: Path, java: Path) -> ServerProcess:
+    db = workdir / "conductor.db"
+    # A class-data-sharing archive next to the jar, written by the first start, takes
+    # about a third off every later JVM start.
+    cds = jar.with_suffix(f".{java.parent.parent.name}.jsa")
+    cmd = [
+        str(java),
+        "-Xms256m", "-Xmx1g", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+        "-Xss512k", "-Djava.awt.headless=true",
+        "-XX:+AutoCreateSharedArchive", f"-XX:SharedArchiveFile={cds}", "-Xlog:cds=off",
+        "-jar", str(jar),
+        f"--server.port={port}",
+        "--server.address=127.0.0.1",
+        f"--spring.datasource.url=jdbc:sqlite:{db}?busy_timeout=15000&journal_mode=WAL",
+        "--conductor.integrations.ai.enabled=false",
+        "--conductor.scheduler.enabled=false",
+        "--logging.level.root=WARN",
+        "--logging.level.com.netflix.conductor=WARN",
+    ]
+    base = f"http://127.0.0.1:{port}"
+    return ServerProcess(
+        name="conductor", cmd=cmd, env=dict(os.environ), workdir=workdir,
+        ready=lambda: _conductor_ready(base),
+    )
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """How to reach the servers: what tests, the demo and the worker's settings need."""
+
+    lakefs_url: str
+    lakefs_access_key_id: str
+    lakefs_secret_access_key: str
+    conductor_url: str  # the API root, ending in /api
+
+    def as_env(self) -> dict[str, str]:
+        """The worker's settings for this stack (see `perago_worker.settings`)."""
+        return {
+            "PERAGO_LAKEFS__ENDPOINT": self.lakefs_url,
+            "PERAGO_LAKEFS__ACCESS_KEY_ID": self.lakefs_access_key_id,
+            "PERAGO_LAKEFS__SECRET_ACCESS_KEY": self.lakefs_secret_access_key,
+            "PERAGO_CONDUCTOR__URL": self.conductor_url,
+        }
+
+
+@dataclass
+class Stack:
+    """A running lakeFS + Conductor pair."""
+
+    workdir: Path
+    lakefs: ServerProcess
+    conductor: ServerProcess
+    endpoints: Endpoints
+    lakectl: Path
+    timings: dict[str, float]
+
+    def stop(self) -> None:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda s: s.stop(), (self.lakefs, self.conductor)))
+
+    def log_tails(self, lines: int = 30) -> str:
+        return "\n".join(
+            f"----- {s.name} log ({s.log_path}) -----\n{s.tail(lines)}"
+            for s in (self.lakefs, self.conductor)
+        )
+
+
+def _timed(timings: dict[str, float], key: str, fn: Callable[[], object]) -> object:
+    started = time.monotonic()
+    try:
+        return fn()
+    finally:
+        timings[key] = time.monotonic() - started
+
+
+def start_stack(workdir: Path, *, log: Callable[[str], None] = print) -> Stack:
+    """Obtain (cached), start and wait for both servers, printing how long each step took.
+
+    The two servers start concurrently: Conductor's JVM start dominates, and lakeFS is ready
+    long before it.
+    """
+    timings: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def step(key: str, fn: Callable[[], object]) -> object:
+        result = _timed(timings, key, fn)
+        with lock:
+            log(f"[devstack] {key}: {timings[key]:.1f}s")
+        return result
+
+    total = time.monotonic()
+    with ThreadPoolExecutor(3) as pool:
+        f_bins = pool.submit(step, "obtain lakeFS + lakectl", tools.lakefs_binaries)
+        f_jar = pool.submit(step, "obtain Conductor jar", tools.conductor_jar)
+        f_java = pool.submit(step, "find Java >= 21", tools.java_runtime)
+        bins = f_bins.result()
+        jar = f_jar.result()
+        java = f_java.result()
+    assert isinstance(bins, tools.LakeFSBinaries)
+    assert isinstance(jar, Path) and isinstance(java, Path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lakefs = lakefs_server(workdir, free_port(), bins.lakefs)
+    conductor = conductor_server(workdir, free_port(), jar, java)
+    lakefs.start()
+    conductor.start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            f_l = pool.submit(step, "lakeFS ready", lambda: lakefs.wait_ready(60))
+            f_c = pool.submit(step, "Conductor ready", lambda: conductor.wait_ready(240))
+            f_l.result()
+            f_c.result()
+    except BaseException:
+        lakefs.stop(kill=True)
+        conductor.stop(kill=True)
+        raise
+    timings["total"] = time.monotonic() - total
+    log(f"[devstack] both servers ready: {timings['total']:.1f}s total")
+    lakefs_url = lakefs.env["LAKEFS_LISTEN_ADDRESS"]
+    conductor_port = next(a for a in conductor.cmd if a.startswith("--server.port=")).split("=")[1]
+    endpoints = Endpoints(
+        lakefs_url=f"http://{lakefs_url}",
+        lakefs_access_key_id=DEV_ACCESS_KEY_ID,
+        lakefs_secret_access_key=DEV_SECRET_ACCESS_KEY,
+        conductor_url=f"http://127.0.0.1:{conductor_port}/api",
+    )
+    return Stack(workdir, lakefs, conductor, endpoints, bins.lakectl, timings)
+
+
+@contextlib.contextmanager
+def running_stack(workdir: Path, *, log: Callable[[str], None] = print) -> Iterator[Stack]:
+    stack = start_stack(workdir, log=log)
+    try:
+        yield stack
+    finally:
+        stack.stop()

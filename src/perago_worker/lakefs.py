@@ -1,0 +1,348 @@
+"""A thin adapter over lakeFS: `lakefs-sdk` for the control plane, raw streams for the data.
+
+The generated SDK holds whole objects in memory (`get_object` returns a bytearray,
+`upload_object` takes bytes), so object bodies go through a pooled urllib3 connection
+manager sized to the transfer pool, streamed to and from disk in 1 MiB blocks. Everything
+else (commits, branches, merges, listings) uses the SDK's models.
+
+Transient faults (connection errors, timeouts, 5xx, 429) are retried with exponential
+backoff and jitter; 4xx answers are not, they are translated into the errors below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lakefs_sdk
+import urllib3
+from lakefs_sdk.exceptions import ApiException
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from perago_worker.observability import metrics
+
+BLOCK = 1 << 20
+T = TypeVar("T")
+
+
+class LakeFSError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"lakeFS {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class NotFound(LakeFSError):
+    pass
+
+
+class Conflict(LakeFSError):
+    pass
+
+
+class NoChanges(LakeFSError):
+    """A commit or merge found nothing to do (lakeFS answers 400)."""
+
+
+class Unauthorized(LakeFSError):
+    pass
+
+
+def _message(body: Any) -> str:
+    if isinstance(body, bytes | bytearray):
+        body = body.decode(errors="replace")
+    if isinstance(body, str):
+        try:
+            return str(json.loads(body).get("message", body))
+        except (ValueError, AttributeError):
+            return body[:500]
+    return str(body)
+
+
+def translate(status: int, body: Any) -> LakeFSError:
+    message = _message(body)
+    if status == 404:
+        return NotFound(status, message)
+    if status == 409 or status == 412:
+        return Conflict(status, message)
+    if status in (401, 403):
+        return Unauthorized(status, message)
+    if status == 400 and "no changes" in message.lower():
+        return NoChanges(status, message)
+    return LakeFSError(status, message)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, ApiException):
+        return exc.status is None or exc.status == 429 or exc.status >= 500
+    if isinstance(exc, LakeFSError):
+        return exc.status == 429 or exc.status >= 500
+    return False
+
+
+def _count_retry(state: RetryCallState) -> None:
+    metrics.RETRIES.labels(server="lakefs").inc()
+
+
+def retrying(max_seconds: float = 60.0) -> Retrying:
+    return Retrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        stop=stop_after_delay(max_seconds) | stop_after_attempt(12),
+        before_sleep=_count_retry,
+        reraise=True,
+    )
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    checksum: str
+    mtime: int
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    id: str
+    parents: list[str]
+    message: str
+    metadata: dict[str, str]
+    creation_date: int
+
+
+def _commit(c: Any) -> CommitInfo:
+    return CommitInfo(
+        id=c.id, parents=list(c.parents or []), message=c.message or "",
+        metadata=dict(c.metadata or {}), creation_date=int(c.creation_date or 0),
+    )
+
+
+class LakeFS:
+    def __init__(
+        self,
+        endpoint: str,
+        access_key_id: str,
+        secret_access_key: str,
+        *,
+        pool_size: int = 32,
+        timeout: float = 60.0,
+        retry_seconds: float = 60.0,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        config = lakefs_sdk.Configuration(
+            host=f"{self.endpoint}/api/v1", username=access_key_id, password=secret_access_key
+        )
+        config.connection_pool_maxsize = max(8, pool_size)
+        self._client = lakefs_sdk.ApiClient(config)
+        self.repos = lakefs_sdk.RepositoriesApi(self._client)
+        self.branches = lakefs_sdk.BranchesApi(self._client)
+        self.commits = lakefs_sdk.CommitsApi(self._client)
+        self.refs = lakefs_sdk.RefsApi(self._client)
+        self.objects = lakefs_sdk.ObjectsApi(self._client)
+        self._auth = urllib3.make_headers(basic_auth=f"{access_key_id}:{secret_access_key}")
+        self._timeout = urllib3.Timeout(connect=10.0, read=timeout)
+        self._pool = urllib3.PoolManager(
+            num_pools=4, maxsize=pool_size, block=True, retries=False,
+            timeout=self._timeout, blocksize=BLOCK,
+        )
+        self._retry_seconds = retry_seconds
+
+    def close(self) -> None:
+        self._pool.clear()
+        self._client.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run an SDK call with the retry policy, translating 4xx answers."""
+        try:
+            for attempt in retrying(self._retry_seconds):
+                with attempt:
+                    return fn(*args, **kwargs)
+        except ApiException as exc:
+            raise translate(exc.status or 0, exc.body) from None
+        raise AssertionError("unreachable")
+
+    def _url(self, route: str, **query: str) -> str:
+        return f"{self.endpoint}/api/v1{route}?{urllib.parse.urlencode(query)}"
+
+    @staticmethod
+    def _q(value: str) -> str:
+        return urllib.parse.quote(value, safe="")
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def get_commit(self, repository: str, ref: str) -> CommitInfo:
+        return _commit(self.call(self.commits.get_commit, repository, ref))
+
+    def branch_head(self, repository: str, branch: str) -> str:
+        return str(self.call(self.branches.get_branch, repository, branch).commit_id)
+
+    def repository_exists(self, repository: str) -> bool:
+        try:
+            self.call(self.repos.get_repository, repository)
+        except NotFound:
+            return False
+        return True
+
+    def list_objects(self, repository: str, ref: str, prefix: str) -> Iterator[list[ObjectInfo]]:
+        """Pages of objects under `prefix`, in key order (1000 a page)."""
+        after = ""
+        while True:
+            page = self.call(
+                self.objects.list_objects, repository, ref, prefix=prefix, after=after, amount=1000
+            )
+            yield [
+                ObjectInfo(o.path, int(o.size_bytes or 0), o.checksum, int(o.mtime))
+                for o in page.results
+                if o.path_type == "object"
+            ]
+            if not page.pagination.has_more:
+                return
+            after = page.pagination.next_offset
+
+    def download(self, repository: str, ref: str, key: str, dest: Path, expected_size: int) -> int:
+        """Stream one object to `dest` (created exclusively), verifying its size."""
+        url = self._url(
+            f"/repositories/{self._q(repository)}/refs/{self._q(ref)}/objects", path=key
+        )
+        for attempt in retrying(self._retry_seconds):
+            with attempt:
+                resp = self._pool.request(
+                    "GET", url, headers=self._auth, preload_content=False, timeout=self._timeout
+                )
+                try:
+                    if resp.status != 200:
+                        raise translate(resp.status, resp.read())
+                    written = 0
+                    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+                    with os.fdopen(fd, "wb") as out:
+                        for chunk in resp.stream(BLOCK):
+                            out.write(chunk)
+                            written += len(chunk)
+                finally:
+                    resp.release_conn()
+                if written != expected_size:
+                    raise LakeFSError(
+                        502, f"{key}: got {written} bytes, the listing says {expected_size}"
+                    )
+                return written
+        raise AssertionError("unreachable")
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def upload(self, repository: str, branch: str, key: str, source: Path) -> str:
+        """Stream a local file to `key` on `branch`; return the object's checksum."""
+        url = self._url(
+            f"/repositories/{self._q(repository)}/branches/{self._q(branch)}/objects", path=key
+        )
+        size = source.stat().st_size
+        headers = {
+            **self._auth,
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(size),
+        }
+        for attempt in retrying(self._retry_seconds):
+            with attempt, source.open("rb") as body:
+                resp = self._pool.request(
+                    "POST", url, body=body, headers=headers, timeout=self._timeout,
+                    preload_content=True,
+                )
+                if resp.status not in (200, 201):
+                    raise translate(resp.status, resp.data)
+                return str(json.loads(resp.data).get("checksum", ""))
+        raise AssertionError("unreachable")
+
+    def delete_objects(self, repository: str, branch: str, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            self.call(
+                self.objects.delete_objects, repository, branch, lakefs_sdk.PathList(paths=batch)
+            )
+
+    def create_branch(self, repository: str, name: str, source: str, *, hidden: bool = True) -> str:
+        """Create a branch; `Conflict` when the name exists (creation is atomic)."""
+        return str(
+            self.call(
+                self.branches.create_branch,
+                repository,
+                lakefs_sdk.BranchCreation(name=name, source=source, hidden=hidden),
+            )
+        )
+
+    def delete_branch(self, repository: str, name: str) -> bool:
+        try:
+            self.call(self.branches.delete_branch, repository, name)
+        except NotFound:
+            return False
+        return True
+
+    def list_branches(self, repository: str, prefix: str) -> Iterator[tuple[str, str]]:
+        """(name, head commit id) of branches starting with `prefix`, hidden ones included."""
+        after = ""
+        while True:
+            page = self.call(
+                self.branches.list_branches, repository, prefix=prefix, after=after,
+                amount=1000, show_hidden=True,
+            )
+            for ref in page.results:
+                yield ref.id, ref.commit_id
+            if not page.pagination.has_more:
+                return
+            after = page.pagination.next_offset
+
+    def commit(self, repository: str, branch: str, message: str, metadata: dict[str, str]) -> CommitInfo:
+        return _commit(
+            self.call(
+                self.commits.commit,
+                repository,
+                branch,
+                lakefs_sdk.CommitCreation(message=message, metadata=metadata),
+            )
+        )
+
+    def merge(
+        self, repository: str, source: str, destination: str, message: str, metadata: dict[str, str]
+    ) -> str:
+        """Merge `source` into `destination`; return the new head (the merge's `reference`).
+
+        429 (lakeFS gave up retrying a contended head) is transient and retried here; 409 is
+        a conflict and `NoChanges` means the source is already merged.
+        """
+        result = self.call(
+            self.refs.merge_into_branch,
+            repository,
+            source,
+            destination,
+            merge=lakefs_sdk.Merge(message=message, metadata=metadata),
+        )
+        return str(result.reference)
+
+    def log(self, repository: str, ref: str, *, amount: int = 1000, first_parent: bool = True) -> list[CommitInfo]:
+        page = self.call(
+            self.refs.log_commits, repository, ref, amount=amount, first_parent=first_parent
+        )
+        return [_commit(c) for c in page.results]
+
+    def create_repository(self, name: str, storage_namespace: str, default_branch: str = "main") -> None:
+        self.call(
+            self.repos.create_repository,
+            lakefs_sdk.RepositoryCreation(
+                name=name, storage_namespace=storage_namespace, default_branch=default_branch
+            ),
+        )

@@ -1,0 +1,165 @@
+"""Typed runtime configuration: environment variables (`PERAGO_…`) over a YAML file.
+
+Precedence, highest first: explicit arguments (tests, the CLI), environment variables,
+the file named by `PERAGO_CONFIG` (or `--config`), defaults. Nested fields use `__`:
+`PERAGO_LAKEFS__ENDPOINT`. Secrets are `SecretStr`: they print as `**********`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_NAME = re.compile(r"^(dev|staging|prod|personal-[a-z0-9][a-z0-9-]{0,40})$")
+
+
+class LakeFSSettings(BaseModel):
+    endpoint: str = "http://127.0.0.1:8000"
+    access_key_id: str = ""
+    secret_access_key: SecretStr = SecretStr("")
+    request_timeout_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _strip_api(cls, value: str) -> str:
+        value = value.rstrip("/")
+        return value.removesuffix("/api/v1")
+
+
+class ConductorSettings(BaseModel):
+    url: str = "http://127.0.0.1:8080/api"
+    auth_key: str | None = None
+    auth_secret: SecretStr | None = None
+    request_timeout_seconds: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _api_root(cls, value: str) -> str:
+        value = value.rstrip("/")
+        return value if value.endswith("/api") else value + "/api"
+
+
+class Settings(BaseSettings):
+    """Everything a deployment decides. One deployment serves one environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PERAGO_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    environment: str = Field("dev", description="dev, staging, prod or personal-NAME")
+    task_domain: str | None = Field(
+        None, description="Conductor task domain to poll; personal-NAME defaults to NAME"
+    )
+    allowed_repositories: list[str] = Field(
+        default_factory=list,
+        description="The environment's target roots; empty allows every repository (dev only)",
+    )
+    lakefs: LakeFSSettings = Field(default_factory=LakeFSSettings)
+    conductor: ConductorSettings = Field(default_factory=ConductorSettings)
+
+    worker_id: str = Field(default="", description="Defaults to host-pid-random")
+    scratch_root: Path = Field(Path("~/.cache/perago/attempts"))
+    min_free_disk_mb: int = Field(512, ge=0)
+    keep_failed_workspaces: bool = False
+    cache_max_bytes: int = Field(2 * 1024**3, ge=0, description="0 disables the object cache")
+
+    concurrency: int = Field(4, ge=1, description="Attempts in flight per task type")
+    concurrency_per_task: dict[str, int] = Field(default_factory=dict)
+    poll_batch: int = Field(4, ge=1, le=100)
+    poll_timeout_ms: int = Field(2000, ge=0, le=5000)
+    lease_factor: float = Field(0.5, gt=0, le=0.8)
+    drain_grace_seconds: float = Field(60.0, ge=0)
+    transfer_concurrency: int = Field(32, ge=1, le=256)
+    report_retry_seconds: float = Field(120.0, gt=0)
+
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(9464, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "console"
+
+    handler_config: dict[str, str] = Field(default_factory=dict)
+    handler_secrets: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("PERAGO_CONFIG")
+        if config_file:
+            path = Path(config_file).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"PERAGO_CONFIG names {path}, which is not a file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, value: str) -> str:
+        if not ENV_NAME.match(value):
+            raise ValueError("must be dev, staging, prod or personal-<name> (lowercase)")
+        return value
+
+    @field_validator("scratch_root")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        if not self.worker_id:
+            self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        if self.task_domain is None and self.environment.startswith("personal-"):
+            self.task_domain = self.environment.removeprefix("personal-")
+        if self.environment == "prod" and not self.allowed_repositories:
+            raise ValueError("allowed_repositories must be set in prod (the environment's target roots)")
+        return self
+
+    def concurrency_for(self, task_type: str) -> int:
+        return self.concurrency_per_task.get(task_type, self.concurrency)
+
+    def repository_allowed(self, repository: str) -> bool:
+        return not self.allowed_repositories or repository in self.allowed_repositories
+
+    def handler_value(self, key: str) -> str:
+        if key in self.handler_secrets:
+            return self.handler_secrets[key].get_secret_value()
+        if key in self.handler_config:
+            return self.handler_config[key]
+        known = sorted({*self.handler_config, *self.handler_secrets})
+        from perago_worker.context import UnknownConfigKey
+
+        raise UnknownConfigKey(
+            f"configuration key {key!r} is not set for environment {self.environment!r} "
+            f"(known keys: {', '.join(known) or 'none'})"
+        )
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings for `config show`: secrets masked, never revealed."""
+        return self.model_dump(mode="json")
