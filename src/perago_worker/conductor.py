@@ -141,9 +141,9 @@ class Conductor:
         )
         self.call(self.tasks.update_task, result, retry_seconds=5)
 
-    def task_state(self, task_id: str) -> TaskState | None:
+    def task_state(self, task_id: str, *, retry_seconds: float = 5) -> TaskState | None:
         try:
-            task = self.call(self.tasks.get_task, task_id, retry_seconds=5)
+            task = self.call(self.tasks.get_task, task_id, retry_seconds=retry_seconds)
         except ConductorError as exc:
             if exc.status == 404:
                 return None

@@ -13,7 +13,7 @@ class NoWorkspaceError(AttributeError):
     """A workspace-free task asked for its workspace."""
 
 
-class Cancelled(Exception):  # noqa: N818 (reads as an outcome, like asyncio.CancelledError)
+class Cancelled(Exception):
     """The attempt lost its lease (timed out, cancelled, re-delivered) or the worker drains."""
 
 

@@ -162,6 +162,9 @@ class LakeFS:
         )
         self._retry_seconds = retry_seconds
 
+    def _auth_api(self) -> lakefs_sdk.AuthApi:
+        return lakefs_sdk.AuthApi(self._client)
+
     def close(self) -> None:
         self._pool.clear()
         self._client.close()
@@ -243,6 +246,20 @@ class LakeFS:
                     )
                 return written
         raise AssertionError("unreachable")
+
+    def changed_paths(self, repository: str, left: str, right: str, *, limit: int) -> list[str]:
+        """Paths that differ between two refs (three-dot: what `right` changed since the base)."""
+        paths: list[str] = []
+        after = ""
+        while len(paths) < limit:
+            page = self.call(
+                self.refs.diff_refs, repository, left, right, after=after, amount=1000
+            )
+            paths.extend(d.path for d in page.results)
+            if not page.pagination.has_more:
+                break
+            after = page.pagination.next_offset
+        return paths[:limit]
 
     # -- writes -----------------------------------------------------------------------------
 

@@ -1,0 +1,307 @@
+"""The daemon's loop: poll, run attempts in a bounded pool, keep leases, report, drain.
+
+One poller thread per task type long-polls Conductor for as many tasks as it has free
+slots (batch poll, timeout <= 5 s). Each attempt runs on its own daemon thread, so a handler
+stuck in C code can never keep the process from exiting after a drain. A single lease
+keeper thread extends the leases of all in-flight attempts and reads each task back: a task
+that timed out, was cancelled or re-delivered cancels its attempt cooperatively.
+
+Reports use `POST /api/tasks` with retries, never `update-v2` (which hands out a next
+task that a draining worker would strand).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from conductor.client.http.models.task import Task
+from conductor.client.http.models.task_result import TaskResult
+
+from perago_worker.app import TaskSpec, Worker
+from perago_worker.attempt import Attempt, Deps, Outcome
+from perago_worker.context import TaskContext
+from perago_worker.contract import Status, bound_reason
+from perago_worker.fences import attempt_verdict
+from perago_worker.observability import logging as plog
+from perago_worker.observability import metrics
+
+
+class Lifecycle:
+    """starting -> validating -> running -> draining -> stopped (or failed)."""
+
+    def __init__(self) -> None:
+        self.state = "starting"
+        self.preflight_ok = False
+        self.last_poll: float | None = None
+        self.detail: dict[str, Any] = {}
+        metrics.set_state(self.state)
+
+    def set(self, state: str) -> None:
+        self.state = state
+        metrics.set_state(state)
+
+    @property
+    def ready(self) -> bool:
+        return self.preflight_ok and self.state == "running"
+
+    def heartbeat(self) -> None:
+        self.last_poll = time.time()
+        metrics.LAST_POLL.set(self.last_poll)
+
+
+@dataclass
+class InFlight:
+    task: Task
+    spec: TaskSpec
+    ctx: TaskContext
+    interval: float
+    next_lease: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    reported: bool = False
+
+
+class Runner:
+    def __init__(self, app: Worker, deps: Deps, lifecycle: Lifecycle | None = None) -> None:
+        self.app = app
+        self.deps = deps
+        self.settings = deps.settings
+        self.lifecycle = lifecycle or Lifecycle()
+        self.log = plog.get_logger(worker_id=self.settings.worker_id)
+        self._draining = threading.Event()
+        self._stopped = threading.Event()
+        self._inflight: dict[str, InFlight] = {}
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._slots = {
+            name: threading.BoundedSemaphore(self.settings.concurrency_for(name))
+            for name in app.tasks
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.lifecycle.set("running")
+        for spec in self.app.tasks.values():
+            thread = threading.Thread(
+                target=self._poll_loop, args=(spec,), name=f"poll-{spec.name}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        keeper = threading.Thread(target=self._lease_loop, name="lease-keeper", daemon=True)
+        keeper.start()
+        self.log.info("worker.running", task_types=sorted(self.app.tasks),
+                      domain=self.settings.task_domain, environment=self.settings.environment)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    def run_forever(self) -> int:
+        """Serve until SIGTERM/SIGINT, then drain. A second signal exits at once."""
+        stop = threading.Event()
+        signals_seen = 0
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen > 1:
+                self.log.warning("worker.exit_now", signal=signal.Signals(signum).name)
+                os._exit(130)
+            self.log.info("worker.signal", signal=signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        while not stop.wait(0.5):
+            pass
+        self.drain()
+        return 0
+
+    def drain(self) -> None:
+        """Stop polling, let in-flight attempts finish within the grace, abort the rest."""
+        self.lifecycle.set("draining")
+        self._draining.set()
+        grace = self.settings.drain_grace_seconds
+        self.log.info("worker.draining", in_flight=self.in_flight(), grace_seconds=grace)
+        for thread in self._threads:
+            thread.join(timeout=self.settings.poll_timeout_ms / 1000 + 35)
+        deadline = time.monotonic() + grace
+        while self.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with self._lock:
+            leftover = list(self._inflight.values())
+        for entry in leftover:
+            entry.ctx.cancel("worker shut down before the attempt finished (drain grace over)")
+            self._report(entry, Outcome(
+                Status.FAILED,
+                reason="aborted: worker shut down before the attempt finished; retry it",
+                kind="aborted",
+            ))
+        self._stopped.set()
+        self.lifecycle.set("stopped")
+        self.log.info("worker.stopped", aborted=len(leftover))
+
+    # -- polling --------------------------------------------------------------------------
+
+    def _poll_loop(self, spec: TaskSpec) -> None:
+        slots = self._slots[spec.name]
+        backoff = 0.0
+        settings = self.settings
+        while not self._draining.is_set():
+            if not slots.acquire(timeout=0.5):
+                continue
+            taken = 1
+            while taken < settings.poll_batch and slots.acquire(blocking=False):
+                taken += 1
+            tasks: list[Task] = []
+            started = time.monotonic()
+            try:
+                tasks = self.deps.conductor.batch_poll(
+                    spec.name, settings.worker_id, settings.task_domain, taken,
+                    settings.poll_timeout_ms,
+                )
+                backoff = 0.0
+                self.lifecycle.heartbeat()
+                metrics.POLLS.labels(task_type=spec.name, result="tasks" if tasks else "empty").inc()
+            except Exception as exc:  # the loop never dies: a server outage is waited out
+                metrics.POLLS.labels(task_type=spec.name, result="error").inc()
+                backoff = min(30.0, max(0.5, backoff * 2))
+                self.log.warning("poll.failed", task_type=spec.name, error=str(exc)[:300],
+                                 retry_in=round(backoff, 1))
+            finally:
+                metrics.PHASE_SECONDS.labels(task_type=spec.name, phase="poll").observe(
+                    time.monotonic() - started
+                )
+            for _ in range(taken - len(tasks)):
+                slots.release()
+            for task in tasks:
+                self._launch(spec, task)
+            if backoff:
+                self._draining.wait(backoff * random.uniform(0.5, 1.0))
+
+    def _launch(self, spec: TaskSpec, task: Task) -> None:
+        settings = self.settings
+        log = plog.get_logger(
+            workflow_id=task.workflow_instance_id, task_id=task.task_id, task_type=spec.name,
+            attempt=int(task.poll_count or 0), retry_count=int(task.retry_count or 0),
+            worker_id=settings.worker_id,
+        )
+        ctx = TaskContext(
+            task_id=task.task_id,
+            workflow_id=task.workflow_instance_id,
+            task_type=spec.name,
+            reference_name=task.reference_task_name or spec.name,
+            retry_count=int(task.retry_count or 0),
+            poll_count=int(task.poll_count or 0),
+            worker_id=settings.worker_id,
+            environment=settings.environment,
+            _config=settings.handler_value,
+            log=log,
+        )
+        timeout = int(task.response_timeout_seconds or spec.response_timeout_seconds)
+        interval = max(1.0, settings.lease_factor * timeout)
+        entry = InFlight(task, spec, ctx, interval, time.monotonic() + interval)
+        with self._lock:
+            self._inflight[task.task_id] = entry
+        metrics.IN_FLIGHT.labels(task_type=spec.name).inc()
+        thread = threading.Thread(
+            target=self._run_attempt, args=(entry,), name=f"attempt-{task.task_id[:8]}", daemon=True
+        )
+        thread.start()
+
+    # -- one attempt ----------------------------------------------------------------------
+
+    def is_live(self, entry: InFlight, *, retry_seconds: float = 60) -> bool:
+        """The attempt fence: Conductor still shows this task in progress for this poll.
+
+        Unverifiable (Conductor unreachable for `retry_seconds`) counts as not live: a
+        publish that cannot prove its attempt is current does not happen.
+        """
+        try:
+            state = self.deps.conductor.task_state(entry.task.task_id, retry_seconds=retry_seconds)
+        except Exception as exc:
+            entry.ctx.log.warning("fence.unverifiable", error=str(exc)[:300])
+            return False
+        verdict = attempt_verdict(state, self.settings.worker_id, entry.ctx.poll_count)
+        if not verdict.live:
+            metrics.FENCE_REJECTIONS.labels(
+                task_type=entry.spec.name, fence="attempt", kind=verdict.kind
+            ).inc()
+            entry.ctx.log.warning("fence.rejected", kind=verdict.kind, reason=verdict.reason)
+            entry.ctx.cancel(verdict.reason)
+        return verdict.live
+
+    def _run_attempt(self, entry: InFlight) -> None:
+        spec, ctx = entry.spec, entry.ctx
+        ctx.log.info("attempt.start", reference_name=ctx.reference_name)
+        started = time.monotonic()
+        try:
+            attempt = Attempt(spec, dict(entry.task.input_data or {}), ctx, self.deps,
+                              still_live=lambda: self.is_live(entry))
+            outcome = attempt.run()
+            if outcome.report and not ctx.cancelled and not self.is_live(entry):
+                outcome.report = False
+            if outcome.report:
+                self._report(entry, outcome)
+            else:
+                ctx.log.warning("attempt.zombie", reason=ctx.cancel_reason or outcome.reason)
+            metrics.TASKS.labels(task_type=spec.name, status=outcome.status.value,
+                                 kind=outcome.kind).inc()
+            ctx.log.info("attempt.done", status=outcome.status.value, kind=outcome.kind,
+                         seconds=round(time.monotonic() - started, 3), reason=outcome.reason or None)
+        finally:
+            with self._lock:
+                self._inflight.pop(entry.task.task_id, None)
+            metrics.IN_FLIGHT.labels(task_type=spec.name).dec()
+            self._slots[spec.name].release()
+
+    def _report(self, entry: InFlight, outcome: Outcome) -> None:
+        with entry.lock:
+            if entry.reported:
+                return
+            entry.reported = True
+        result = TaskResult(
+            workflow_instance_id=entry.task.workflow_instance_id,
+            task_id=entry.task.task_id,
+            status=outcome.status.value,
+            output_data=outcome.output,
+            reason_for_incompletion=bound_reason(outcome.reason) if outcome.reason else None,
+            worker_id=self.settings.worker_id,
+        )
+        started = time.monotonic()
+        try:
+            self.deps.conductor.update(result, retry_seconds=self.settings.report_retry_seconds)
+        except Exception as exc:
+            # Nothing is lost: the task times out and its retry adopts the publish.
+            entry.ctx.log.error("report.failed", error=str(exc)[:300])
+        finally:
+            metrics.PHASE_SECONDS.labels(task_type=entry.spec.name, phase="report").observe(
+                time.monotonic() - started
+            )
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def _lease_loop(self) -> None:
+        while not self._stopped.is_set():
+            now = time.monotonic()
+            with self._lock:
+                due = [e for e in self._inflight.values() if e.next_lease <= now and not e.reported]
+            for entry in due:
+                entry.next_lease = time.monotonic() + entry.interval
+                try:
+                    self.deps.conductor.extend_lease(entry.task)
+                    metrics.LEASE_EXTENSIONS.labels(task_type=entry.spec.name, result="ok").inc()
+                except Exception as exc:
+                    metrics.LEASE_EXTENSIONS.labels(task_type=entry.spec.name, result="error").inc()
+                    entry.ctx.log.warning("lease.failed", error=str(exc)[:200])
+                    continue
+                self.is_live(entry, retry_seconds=2)
+            self._stopped.wait(0.25)
