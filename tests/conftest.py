@@ -10,8 +10,6 @@ with the tail of both server logs.
 from __future__ import annotations
 
 import os
-import re
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.servers import Endpoints, Stack, start_stack
 from perago_worker.lakefs import LakeFS
+from perago_testing import new_repository
 
 _STACK: Stack | None = None
 
@@ -73,13 +72,6 @@ def lakefs(endpoints: Endpoints) -> Iterator[LakeFS]:
 @pytest.fixture(scope="session")
 def conductor(endpoints: Endpoints) -> Conductor:
     return Conductor(endpoints.conductor_url)
-
-
-def new_repository(lakefs: LakeFS, hint: str) -> str:
-    base = re.sub(r"[^a-z0-9-]+", "-", hint.lower()).strip("-")[:40] or "repo"
-    name = f"{base}-{uuid.uuid4().hex[:8]}"
-    lakefs.create_repository(name, f"local://{name}")
-    return name
 
 
 @pytest.fixture(scope="module")
