@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from perago_worker.app import Worker
 from perago_worker.conductor import Conductor
 from perago_worker.lakefs import LakeFS, LakeFSError, NotFound, Unauthorized
-from perago_worker.register import drift, task_def_for
+from perago_worker.register import COMPATIBILITY_FIELDS, drift, task_def_for
 from perago_worker.settings import Settings
 from perago_worker.workspace import free_bytes
 
@@ -133,7 +133,7 @@ def _definitions_probe(app: Worker, conductor: Conductor) -> str:
     current = {d.name: d for d in conductor.get_task_defs()}
     problems = []
     for spec in app.tasks.values():
-        d = drift(task_def_for(spec), current.get(spec.name))
+        d = drift(task_def_for(spec), current.get(spec.name), COMPATIBILITY_FIELDS)
         if d.action == "create":
             problems.append(f"{spec.name} has no task definition")
         elif d.action == "update":

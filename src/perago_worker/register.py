@@ -20,6 +20,9 @@ MANAGED_FIELDS = (
     "description", "retry_count", "retry_logic", "retry_delay_seconds",
     "response_timeout_seconds", "timeout_seconds", "timeout_policy", "input_keys", "output_keys",
 )
+# What the worker itself relies on; retries and timeouts beyond these are the operator's call,
+# so `check` does not fail a definition whose retry policy someone tuned.
+COMPATIBILITY_FIELDS = ("response_timeout_seconds", "input_keys", "output_keys")
 DEFAULT_OWNER = "perago-worker@localhost"
 MARK = "[perago-worker]"  # ends the description of every definition this tool manages
 
@@ -85,12 +88,14 @@ class Drift:
         return f"~ {self.task_type}: {changes}"
 
 
-def drift(desired: TaskDef, current: TaskDef | None) -> Drift:
-    """Pure: what `register` would change for one task type."""
+def drift(
+    desired: TaskDef, current: TaskDef | None, fields: tuple[str, ...] = MANAGED_FIELDS
+) -> Drift:
+    """Pure: what `register` would change for one task type (among `fields`)."""
     if current is None:
         return Drift(desired.name, "create", {})
     changed = {}
-    for name in MANAGED_FIELDS:
+    for name in fields:
         want, have = getattr(desired, name), getattr(current, name)
         if isinstance(want, list):
             want, have = sorted(want), sorted(have or [])
