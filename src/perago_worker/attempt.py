@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from perago_worker import fences, publish
+from perago_worker import faultpoints, fences, publish
 from perago_worker._version import __version__
 from perago_worker.app import TaskSpec
 from perago_worker.cache import ObjectCache
@@ -265,6 +265,7 @@ class Attempt:
                     "input workspace failed: " + "; ".join(map(str, failures)),
                 )
             ctx.check_cancelled()
+            faultpoints.hit("handler.start")
             result = self._handle(params)
             ctx.check_cancelled()
             with self.phase("post_check") as figures:
@@ -293,6 +294,7 @@ class Attempt:
                     )
                     figures.update(files=sstats.files, bytes=sstats.bytes, deleted=sstats.deleted,
                                    staged_commit=staged)
+                    faultpoints.hit("stage.committed")
                     metrics.FILES.labels(task_type=spec.name, direction="up").inc(sstats.files)
                     metrics.BYTES.labels(task_type=spec.name, direction="up").inc(sstats.bytes)
             if changes.empty:
@@ -333,6 +335,7 @@ class Attempt:
                         f"{', '.join(paths) or '(paths not reported)'} ({exc.message}); nothing was published",
                     ) from None
                 figures["ref"] = ref
+            faultpoints.hit("merge.done")
             succeeded = True
             return self._output(ws, ref, result)
         finally:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 REPOSITORY_PATTERN = r"^[a-z0-9][a-z0-9-]{2,62}$"
-BRANCH_PATTERN = r"^\w[-\w]*$"
+BRANCH_PATTERN = r"^[A-Za-z0-9_][-A-Za-z0-9_]*$"  # lakeFS's Go \w is ASCII-only
 MAX_REASON = 1000
 
 

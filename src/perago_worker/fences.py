@@ -64,8 +64,11 @@ def attempt_verdict(state: TaskState | None, worker_id: str, poll_count: int) ->
 def publish_key(
     workflow_id: str, reference_name: str, task_type: str, input_ref: str, params: dict[str, Any]
 ) -> str:
-    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
-    material = "\x1f".join((workflow_id, reference_name, task_type, input_ref, canonical))
+    # JSON-encoding the whole tuple keeps field boundaries unambiguous whatever they contain.
+    material = json.dumps(
+        [workflow_id, reference_name, task_type, input_ref, params],
+        sort_keys=True, separators=(",", ":"), default=str,
+    )
     return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -75,11 +78,14 @@ def intent_branch(key: str) -> str:
 
 def staging_branch(task_id: str, attempt_uid: str, created: float) -> str:
     """`perago-stage-<task id>-<created, hex seconds>-<uid>`: gc reads owner and age off it."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in task_id)[:40]
+    # lakeFS checks names with Go's ASCII-only \w: keep ASCII letters and digits only.
+    safe = "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "-" for c in task_id)[:40]
     return f"{STAGING_PREFIX}{safe}-{int(created):x}-{attempt_uid}"
 
 
-_STAGING = re.compile(rf"^{STAGING_PREFIX}(?P<task>[-\w]+)-(?P<created>[0-9a-f]+)-(?P<uid>[0-9a-f]+)$")
+_STAGING = re.compile(
+    rf"^{STAGING_PREFIX}(?P<task>[-\w]+)-(?P<created>[0-9a-f]+)-(?P<uid>[0-9a-f]+)$", re.ASCII
+)
 
 
 def parse_staging_branch(name: str) -> tuple[str, float] | None:

@@ -16,6 +16,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from perago_worker import faultpoints
 from perago_worker.cache import ObjectCache
 from perago_worker.changes import FileSignature, Manifest, ManifestEntry
 from perago_worker.contract import FailureKind, TaskFailure
@@ -59,6 +60,7 @@ def materialize(
             if not hit:
                 lakefs.download(repository, ref, obj.key, dest, obj.size)
             entry = ManifestEntry(FileSignature.of(dest.stat()), obj.checksum)
+            faultpoints.hit("materialize.object")
             with lock:
                 manifest[rel] = entry
                 stats.files += 1

@@ -40,13 +40,13 @@ def normalize_prefix(prefix: str) -> str:
         raise InvalidPrefix(f"prefix {prefix!r} contains a backslash; use '/' separators")
     if "\x00" in prefix:
         raise InvalidPrefix(f"prefix {prefix!r} contains a NUL character")
-    if prefix.startswith("~"):
-        raise InvalidPrefix(f"prefix {prefix!r} is a home-directory path, not a repository path")
     if prefix.startswith("//"):
         raise InvalidPrefix(f"prefix {prefix!r} names a network host, not a repository path")
-    if _DRIVE.match(prefix):
-        raise InvalidPrefix(f"prefix {prefix!r} is a drive path, not a repository path")
     inner = prefix.strip("/")
+    if inner.startswith("~"):
+        raise InvalidPrefix(f"prefix {prefix!r} is a home-directory path, not a repository path")
+    if _DRIVE.match(inner):
+        raise InvalidPrefix(f"prefix {prefix!r} is a drive path, not a repository path")
     if not inner:
         return ""
     for segment in inner.split("/"):

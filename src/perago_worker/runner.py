@@ -24,6 +24,7 @@ from typing import Any
 from conductor.client.http.models.task import Task
 from conductor.client.http.models.task_result import TaskResult
 
+from perago_worker import faultpoints
 from perago_worker.app import TaskSpec, Worker
 from perago_worker.attempt import Attempt, Deps, Outcome
 from perago_worker.context import TaskContext
@@ -183,6 +184,7 @@ class Runner:
             for _ in range(taken - len(tasks)):
                 slots.release()
             for task in tasks:
+                faultpoints.hit("poll.received")
                 self._launch(spec, task)
             if backoff:
                 self._draining.wait(backoff * random.uniform(0.5, 1.0))
@@ -294,6 +296,8 @@ class Runner:
             now = time.monotonic()
             with self._lock:
                 due = [e for e in self._inflight.values() if e.next_lease <= now and not e.reported]
+            if faultpoints.armed("lease.disabled"):
+                due = []
             for entry in due:
                 entry.next_lease = time.monotonic() + entry.interval
                 try:

@@ -165,6 +165,9 @@ def conductor_server(workdir: Path, port: int, jar: Path, java: Path) -> ServerP
         f"--spring.datasource.url=jdbc:sqlite:{db}?busy_timeout=15000&journal_mode=WAL",
         "--conductor.integrations.ai.enabled=false",
         "--conductor.scheduler.enabled=false",
+        # Sweep running workflows every few seconds (default 30 s) so that response
+        # timeouts and retries happen promptly in tests and the demo.
+        "--conductor.app.workflow-offset-timeout=3s",
         "--logging.level.root=WARN",
         "--logging.level.com.netflix.conductor=WARN",
     ]

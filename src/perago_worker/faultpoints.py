@@ -1,0 +1,26 @@
+"""Named crash points for the fault-injection suite (`PERAGO_FAULT_POINTS`).
+
+`PERAGO_FAULT_POINTS="stage.committed"` makes the process kill itself with SIGKILL the
+first time it reaches that point, exactly as a crash or an OOM kill would, so tests can
+prove what survives a death at every phase boundary. Unset (always, in production) a hit is
+one set lookup. Points: poll.received, materialize.object, handler.start,
+stage.committed, merge.done; `lease.disabled` stops lease extensions
+(to make a zombie).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_ARMED = frozenset(p.strip() for p in os.environ.get("PERAGO_FAULT_POINTS", "").split(",") if p.strip())
+
+
+def armed(point: str) -> bool:
+    """For behaviours a test switches off rather than crashes (`lease.disabled`)."""
+    return point in _ARMED
+
+
+def hit(point: str) -> None:
+    if point in _ARMED:
+        os.kill(os.getpid(), signal.SIGKILL)

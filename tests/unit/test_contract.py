@@ -1,0 +1,233 @@
+"""Specification of `perago_worker.contract`: task input/output shapes and failure statuses."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from perago_worker.contract import (
+    MAX_REASON,
+    FailureKind,
+    Status,
+    TaskFailure,
+    TaskOutput,
+    WorkspaceRef,
+    bound_reason,
+    parse_input,
+    status_for,
+)
+
+COMMIT = "a" * 64
+
+
+def _workspace(**overrides: Any) -> dict[str, Any]:
+    ws = {"repository": "audio-lake", "branch": "main", "ref_type": "commit", "ref": COMMIT}
+    ws.update(overrides)
+    return ws
+
+
+def _invalid(raw: dict[str, Any], *, wants_workspace: bool = True) -> TaskFailure:
+    with pytest.raises(TaskFailure) as info:
+        parse_input(raw, wants_workspace=wants_workspace)
+    assert info.value.kind is FailureKind.INVALID_INPUT
+    return info.value
+
+
+# --- parse_input -------------------------------------------------------------------------
+
+
+def test_parse_input_accepts_workspace_task_input() -> None:
+    parsed = parse_input({"workspace": _workspace(), "params": {"n": 1}}, wants_workspace=True)
+    assert parsed.workspace == WorkspaceRef(**_workspace())
+    assert parsed.params == {"n": 1}
+
+
+def test_parse_input_defaults_params_to_empty() -> None:
+    parsed = parse_input({"workspace": _workspace()}, wants_workspace=True)
+    assert parsed.params == {}
+
+
+def test_parse_input_accepts_workspace_free_input() -> None:
+    parsed = parse_input({"params": {"x": "y"}}, wants_workspace=False)
+    assert parsed.workspace is None
+
+
+def test_parse_input_rejects_unknown_top_level_key_naming_it() -> None:
+    failure = _invalid({"workspace": _workspace(), "prefix": "/audio"})
+    assert "prefix:" in failure.reason
+    assert "Extra inputs are not permitted" in failure.reason
+
+
+def test_parse_input_rejects_unknown_workspace_key_naming_it() -> None:
+    failure = _invalid({"workspace": _workspace(staging_branch="x")})
+    assert "workspace.staging_branch:" in failure.reason
+
+
+def test_parse_input_rejects_ref_type_other_than_commit() -> None:
+    failure = _invalid({"workspace": _workspace(ref_type="branch")})
+    assert "workspace.ref_type:" in failure.reason
+    assert "'commit'" in failure.reason
+
+
+@pytest.mark.parametrize("repository", ["ab", "Audio", "-lake", "audio_lake", "a" * 64, ""])
+def test_parse_input_rejects_repository_outside_pattern(repository: str) -> None:
+    failure = _invalid({"workspace": _workspace(repository=repository)})
+    assert "workspace.repository:" in failure.reason
+
+
+@pytest.mark.parametrize("repository", ["abc", "audio-lake", "0data", "a" * 63])
+def test_parse_input_accepts_repository_inside_pattern(repository: str) -> None:
+    parsed = parse_input({"workspace": _workspace(repository=repository)}, wants_workspace=True)
+    assert parsed.workspace is not None
+    assert parsed.workspace.repository == repository
+
+
+@pytest.mark.parametrize("branch", ["-main", "feature/x", "has space", "", "a.b", "b" * 257])
+def test_parse_input_rejects_branch_outside_pattern(branch: str) -> None:
+    failure = _invalid({"workspace": _workspace(branch=branch)})
+    assert "workspace.branch:" in failure.reason
+
+
+@pytest.mark.parametrize("branch", ["main", "feature-x", "_tmp", "release_2024-01"])
+def test_parse_input_accepts_branch_inside_pattern(branch: str) -> None:
+    parsed = parse_input({"workspace": _workspace(branch=branch)}, wants_workspace=True)
+    assert parsed.workspace is not None
+    assert parsed.workspace.branch == branch
+
+
+@pytest.mark.parametrize("branch", ["brañch", "ветка", "main\u0663"])
+def test_parse_input_rejects_non_ascii_branch_that_lakefs_refuses(branch: str) -> None:
+    _invalid({"workspace": _workspace(branch=branch)})
+
+
+@pytest.mark.parametrize("ref", ["", "r" * 257])
+def test_parse_input_rejects_ref_outside_length_bounds(ref: str) -> None:
+    failure = _invalid({"workspace": _workspace(ref=ref)})
+    assert "workspace.ref:" in failure.reason
+
+
+def test_parse_input_rejects_missing_workspace_field() -> None:
+    ws = _workspace()
+    del ws["ref"]
+    failure = _invalid({"workspace": ws})
+    assert "workspace.ref:" in failure.reason
+
+
+def test_parse_input_rejects_workspace_for_workspace_free_task() -> None:
+    failure = _invalid({"workspace": _workspace()}, wants_workspace=False)
+    assert "workspace-free" in failure.reason
+
+
+def test_parse_input_rejects_workspace_task_without_workspace() -> None:
+    failure = _invalid({"params": {}}, wants_workspace=True)
+    assert "workspace: required" in failure.reason
+
+
+def test_parse_input_rejects_non_object_params() -> None:
+    failure = _invalid({"workspace": _workspace(), "params": [1, 2]})
+    assert "params:" in failure.reason
+
+
+def test_parse_input_failure_is_terminal() -> None:
+    failure = _invalid({"bogus": 1})
+    assert failure.status is Status.FAILED_WITH_TERMINAL_ERROR
+
+
+# --- status_for --------------------------------------------------------------------------
+
+TERMINAL = [
+    FailureKind.INVALID_INPUT,
+    FailureKind.FORBIDDEN_REPOSITORY,
+    FailureKind.UNKNOWN_REF,
+    FailureKind.BAD_PARAMS,
+    FailureKind.UNSAFE_KEY,
+    FailureKind.PRE_CHECK,
+    FailureKind.HANDLER_TERMINAL,
+    FailureKind.INVALID_RESULT,
+    FailureKind.UNPUBLISHABLE,
+    FailureKind.MERGE_CONFLICT,
+]
+RETRYABLE = [
+    FailureKind.HANDLER_ERROR,
+    FailureKind.POST_CHECK,
+    FailureKind.INFRASTRUCTURE,
+    FailureKind.DISK_FULL,
+    FailureKind.ABORTED,
+]
+
+
+@pytest.mark.parametrize("kind", TERMINAL)
+def test_status_for_terminal_kinds(kind: FailureKind) -> None:
+    assert status_for(kind) is Status.FAILED_WITH_TERMINAL_ERROR
+
+
+@pytest.mark.parametrize("kind", RETRYABLE)
+def test_status_for_retryable_kinds(kind: FailureKind) -> None:
+    assert status_for(kind) is Status.FAILED
+
+
+def test_status_for_covers_every_failure_kind() -> None:
+    assert set(TERMINAL) | set(RETRYABLE) == set(FailureKind)
+    for kind in FailureKind:
+        assert status_for(kind) in (Status.FAILED, Status.FAILED_WITH_TERMINAL_ERROR)
+
+
+def test_task_failure_status_follows_kind() -> None:
+    assert TaskFailure(FailureKind.POST_CHECK, "x").status is Status.FAILED
+    assert TaskFailure(FailureKind.PRE_CHECK, "x").status is Status.FAILED_WITH_TERMINAL_ERROR
+
+
+# --- TaskFailure.reason ------------------------------------------------------------------
+
+
+def test_task_failure_reason_is_prefixed_by_kind() -> None:
+    failure = TaskFailure(FailureKind.PRE_CHECK, "require_file('a'): a is missing")
+    assert failure.reason == "pre_check: require_file('a'): a is missing"
+
+
+def test_task_failure_reason_is_bounded() -> None:
+    failure = TaskFailure(FailureKind.HANDLER_ERROR, "x" * 5000)
+    assert len(failure.reason) == MAX_REASON
+    assert failure.reason.startswith("handler_error: ")
+    assert failure.reason.endswith("…")
+
+
+def test_task_failure_reason_collapses_whitespace() -> None:
+    failure = TaskFailure(FailureKind.HANDLER_ERROR, "Traceback:\n  line 1\n\tline 2")
+    assert failure.reason == "handler_error: Traceback: line 1 line 2"
+
+
+def test_bound_reason_keeps_short_text() -> None:
+    assert bound_reason("short") == "short"
+
+
+def test_bound_reason_at_exact_limit_is_untouched() -> None:
+    text = "y" * MAX_REASON
+    assert bound_reason(text) == text
+
+
+# --- TaskOutput --------------------------------------------------------------------------
+
+
+def test_to_conductor_omits_workspace_when_none() -> None:
+    assert TaskOutput(result={"rows": 3}).to_conductor() == {"result": {"rows": 3}}
+
+
+def test_to_conductor_includes_workspace_in_next_input_shape() -> None:
+    out = TaskOutput(workspace=WorkspaceRef(**_workspace()), result={}).to_conductor()
+    assert out["workspace"] == _workspace()
+    parsed = parse_input({"workspace": out["workspace"]}, wants_workspace=True)
+    assert parsed.workspace == WorkspaceRef(**_workspace())
+
+
+def test_to_conductor_keeps_none_values_inside_result() -> None:
+    out = TaskOutput(result={"note": None, "nested": {"x": None}}).to_conductor()
+    assert out["result"] == {"note": None, "nested": {"x": None}}
+
+
+def test_workspace_ref_is_frozen() -> None:
+    ref = WorkspaceRef(**_workspace())
+    with pytest.raises(ValueError, match=re.escape("frozen")):
+        ref.branch = "other"  # type: ignore[misc]
