@@ -1,0 +1,146 @@
+"""Fault-suite fixtures: real worker processes sharing one scratch root, killed at will."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from perago_testing import keys_at, one_task_workflow, seed, suffix, workspace
+
+from perago_worker import fences
+from perago_worker.conductor import Conductor
+from perago_worker.devstack.demo import register_app, wait_for_workflow
+from perago_worker.devstack.servers import Endpoints
+from perago_worker.devstack.worker_process import WorkerProcess, start_worker
+from perago_worker.gc import collect
+from perago_worker.lakefs import LakeFS
+
+HERE = Path(__file__).parent
+S = suffix()
+
+
+@dataclass
+class Case:
+    workflow_id: str
+    task_type: str
+    branch: str
+    input_ref: str
+    params: dict[str, Any]
+
+
+@dataclass
+class Harness:
+    endpoints: Endpoints
+    lakefs: LakeFS
+    conductor: Conductor
+    repo: str
+    scratch: Path
+    workdir: Path
+    base: str
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def worker(self, name: str, *, faults: str = "", **env: str) -> WorkerProcess:
+        proc = start_worker(
+            "fault_app:app", self.endpoints, self.workdir / name, name=name,
+            env={"PYTHONPATH": str(HERE), "PERAGO_TEST_SUFFIX": S,
+                 "PERAGO_SCRATCH_ROOT": str(self.scratch), "PERAGO_FAULT_POINTS": faults,
+                 "PERAGO_ALLOWED_REPOSITORIES": json.dumps([self.repo]), **env},
+        )
+        self.workers.append(proc)
+        return proc
+
+    def start(self, kind: str, **params: Any) -> Case:
+        task_type = f"fault_{kind}_{S}"
+        branch = f"case-{suffix()}"
+        self.lakefs.create_branch(self.repo, branch, self.base, hidden=False)
+        params = {"tag": branch, **params}
+        task_input = {"workspace": workspace(self.repo, self.base, branch), "params": params}
+        name = one_task_workflow(self.conductor, task_type, sorted(task_input))
+        return Case(self.conductor.start_workflow(name, task_input), task_type, branch, self.base, params)
+
+    def task(self, case: Case) -> Any:
+        run = self.conductor.get_workflow(case.workflow_id)
+        return run.tasks[-1] if run.tasks else None
+
+    def wait_task(self, case: Case, predicate: Any, timeout: float = 60) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task = self.task(case)
+            if task is not None and predicate(task):
+                return task
+            time.sleep(0.1)
+        raise AssertionError(f"task never matched; last: {self.task(case)}")
+
+    def wait_event(self, worker: WorkerProcess, event: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in worker.events():
+                if line.get("event") == event:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no {event} in worker log:\n{worker.tail()}")
+
+    def verify(self, case: Case, *, status: str = "COMPLETED", timeout: float = 180) -> Any:
+        """The workflow's end, exactly one merge with provenance, the data, and a clean gc."""
+        run = wait_for_workflow(self.conductor, case.workflow_id, timeout)
+        assert run.status == status, [(t.status, t.reason_for_incompletion) for t in run.tasks]
+        key = fences.publish_key(case.workflow_id, "only", case.task_type, case.input_ref, case.params)
+        log = self.lakefs.log(self.repo, case.branch, amount=200)
+        merges = [c for c in log if c.metadata.get(fences.META_KEY) == key]
+        if status == "COMPLETED":
+            assert len(merges) == 1, [c.metadata for c in merges]
+            merge = merges[0]
+            final = run.tasks[-1].output_data["workspace"]["ref"]
+            assert final == merge.id == self.lakefs.branch_head(self.repo, case.branch)
+            assert merge.metadata["perago.workflow_id"] == case.workflow_id
+            assert merge.metadata["perago.input_ref"] == case.input_ref
+            assert merge.metadata["perago.task_id"] in {t.task_id for t in run.tasks}
+            files = case.params.get("files", 1)
+            keys = keys_at(self.lakefs, self.repo, final, f"f/out/{case.params['tag']}/")
+            assert len(keys) == files
+        else:
+            assert merges == []
+        self.gc_clean()
+        return run
+
+    def gc_clean(self) -> None:
+        for proc in self.workers:
+            proc.stop()
+        collect(self.scratch, self.lakefs, self.conductor, [self.repo],
+                older_than=0, intent_older_than=0)
+        assert [p for p in self.scratch.iterdir() if p.is_dir() and not p.name.startswith(".")] == []
+        assert list(self.lakefs.list_branches(self.repo, fences.STAGING_PREFIX)) == []
+        assert list(self.lakefs.list_branches(self.repo, fences.INTENT_PREFIX)) == []
+
+
+@pytest.fixture(scope="module")
+def fault_defs(conductor: Conductor) -> None:
+    import os
+
+    os.environ["PERAGO_TEST_SUFFIX"] = S
+    import fault_app
+
+    importlib.reload(fault_app)
+    register_app(conductor, fault_app.app, retries=3)
+
+
+@pytest.fixture
+def harness(
+    endpoints: Endpoints, lakefs: LakeFS, conductor: Conductor, repo: str, fault_defs: None,
+    tmp_path: Path,
+) -> Iterator[Harness]:
+    base = seed(lakefs, repo, {f"f/in/{i:03d}.txt": b"input" * 200 for i in range(20)}, tmp_path,
+                branch="main") if not keys_at(lakefs, repo, "main", "f/in/") else lakefs.branch_head(repo, "main")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    h = Harness(endpoints, lakefs, conductor, repo, scratch, tmp_path, base)
+    yield h
+    for proc in h.workers:
+        if proc.proc.poll() is None:
+            proc.kill()
