@@ -174,5 +174,9 @@ class Conductor:
                                        task_to_domain=task_to_domain)
         return str(self.call(self.workflows.start_workflow, request))
 
+    def decide(self, workflow_id: str) -> None:
+        """Ask Conductor to evaluate a workflow now (what its sweeper does periodically)."""
+        self.call(self.workflows.decide, workflow_id)
+
     def get_workflow(self, workflow_id: str) -> Any:
         return self.call(self.workflows.get_execution_status, workflow_id, include_tasks=True)

@@ -67,6 +67,11 @@ class InFlight:
     lock: threading.Lock = field(default_factory=threading.Lock)
     reported: bool = False
 
+    @property
+    def key(self) -> str:
+        """One per delivery: the same task id polled again is a different attempt."""
+        return f"{self.task.task_id}#{self.ctx.poll_count}"
+
 
 class Runner:
     def __init__(self, app: Worker, deps: Deps, lifecycle: Lifecycle | None = None) -> None:
@@ -212,7 +217,7 @@ class Runner:
         interval = max(1.0, settings.lease_factor * timeout)
         entry = InFlight(task, spec, ctx, interval, time.monotonic() + interval)
         with self._lock:
-            self._inflight[task.task_id] = entry
+            self._inflight[entry.key] = entry
         metrics.IN_FLIGHT.labels(task_type=spec.name).inc()
         thread = threading.Thread(
             target=self._run_attempt, args=(entry,), name=f"attempt-{task.task_id[:8]}", daemon=True
@@ -261,7 +266,7 @@ class Runner:
                          seconds=round(time.monotonic() - started, 3), reason=outcome.reason or None)
         finally:
             with self._lock:
-                self._inflight.pop(entry.task.task_id, None)
+                self._inflight.pop(entry.key, None)
             metrics.IN_FLIGHT.labels(task_type=spec.name).dec()
             self._slots[spec.name].release()
 

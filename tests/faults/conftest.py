@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +36,32 @@ class Case:
     params: dict[str, Any]
 
 
+class Sweeper:
+    """Stands in for a production Conductor's sweeper cadence.
+
+    The SQLite persistence re-offers the decider queue's unacked workflows only every 60 s
+    (a constant in its queue DAO), so a response timeout would take one to two minutes to
+    be noticed. Asking Conductor to `decide` the running case workflows every second runs
+    Conductor's own timeout and retry logic, just sooner.
+    """
+
+    def __init__(self, conductor: Conductor) -> None:
+        self.conductor = conductor
+        self.workflows: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            for workflow_id in list(self.workflows):
+                with contextlib.suppress(Exception):
+                    self.conductor.decide(workflow_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 @dataclass
 class Harness:
     endpoints: Endpoints
@@ -43,6 +71,7 @@ class Harness:
     scratch: Path
     workdir: Path
     base: str
+    sweeper: Sweeper
     workers: list[WorkerProcess] = field(default_factory=list)
 
     def worker(self, name: str, *, faults: str = "", **env: str) -> WorkerProcess:
@@ -62,7 +91,9 @@ class Harness:
         params = {"tag": branch, **params}
         task_input = {"workspace": workspace(self.repo, self.base, branch), "params": params}
         name = one_task_workflow(self.conductor, task_type, sorted(task_input))
-        return Case(self.conductor.start_workflow(name, task_input), task_type, branch, self.base, params)
+        workflow_id = self.conductor.start_workflow(name, task_input)
+        self.sweeper.workflows.add(workflow_id)
+        return Case(workflow_id, task_type, branch, self.base, params)
 
     def task(self, case: Case) -> Any:
         run = self.conductor.get_workflow(case.workflow_id)
@@ -139,8 +170,9 @@ def harness(
                 branch="main") if not keys_at(lakefs, repo, "main", "f/in/") else lakefs.branch_head(repo, "main")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    h = Harness(endpoints, lakefs, conductor, repo, scratch, tmp_path, base)
+    h = Harness(endpoints, lakefs, conductor, repo, scratch, tmp_path, base, Sweeper(conductor))
     yield h
+    h.sweeper.stop()
     for proc in h.workers:
         if proc.proc.poll() is None:
             proc.kill()

@@ -8,6 +8,7 @@ import time
 import pytest
 from conductor.client.http.models.task_result import TaskResult
 from conftest import Harness
+from perago_testing import wait_until
 
 from perago_worker.devstack.servers import Stack
 
@@ -19,16 +20,19 @@ def test_zombie_that_outlives_its_timeout_never_merges_while_the_retry_does(harn
     case = harness.start("ws", first_attempt_sleep=14)
     first = harness.wait_task(case, lambda t: t.status == "IN_PROGRESS")
     harness.worker("healthy")
-    timed_out = harness.wait_task(case, lambda t: t.retry_count >= 1, timeout=90)
+    retry = harness.wait_task(case, lambda t: t.retry_count >= 1, timeout=90)
+    assert retry.task_id != first.task_id
+    # The zombie wakes after the retry published, stages, and is stopped by the attempt fence.
+    zombie = harness.wait_event(zombie_host, "attempt.zombie", timeout=60)
+    assert zombie["task_id"] == first.task_id
     run = harness.verify(case)
-    merge_task = run.tasks[-1].output_data
-    assert merge_task["result"]["written"] == 1
-    assert timed_out.task_id != first.task_id
-    harness.wait_event(zombie_host, "attempt.zombie", timeout=60) if zombie_host.proc.poll() is None else None
+    merge = harness.lakefs.get_commit(harness.repo, run.tasks[-1].output_data["workspace"]["ref"])
+    assert merge.metadata["perago.task_id"] == retry.task_id
 
 
 def test_two_workers_given_the_same_task_id_publish_once(harness: Harness) -> None:
-    first_worker = harness.worker("first")
+    # One slot: while its attempt sleeps, the first worker cannot poll the task again.
+    first_worker = harness.worker("first", PERAGO_CONCURRENCY="1")
     case = harness.start("slow", first_attempt_sleep=6)
     task = harness.wait_task(case, lambda t: t.status == "IN_PROGRESS")
     # An IN_PROGRESS update without extendLease re-queues the same task id at once.
@@ -37,9 +41,12 @@ def test_two_workers_given_the_same_task_id_publish_once(harness: Harness) -> No
     second = harness.worker("second")
     redelivered = harness.wait_task(case, lambda t: t.worker_id == second_worker_id(second), timeout=60)
     assert redelivered.task_id == task.task_id
+    # The first attempt's lease check sees another worker holding the task: it stands down.
+    assert harness.wait_event(first_worker, "attempt.zombie")["task_id"] == task.task_id
     run = harness.verify(case)
     assert len(run.tasks) == 1  # same task id, no retry: only the live attempt reported
-    first_worker.stop()
+    merge = harness.lakefs.get_commit(harness.repo, run.tasks[0].output_data["workspace"]["ref"])
+    assert merge.metadata["perago.worker_id"] == second_worker_id(second)
 
 
 def second_worker_id(proc: object) -> str:
@@ -52,8 +59,7 @@ def second_worker_id(proc: object) -> str:
 def test_conductor_restart_while_a_task_runs(harness: Harness, stack: Stack) -> None:
     worker = harness.worker("w")
     case = harness.start("slow", first_attempt_sleep=3)
-    harness.wait_event(worker, "handler.raised", timeout=1) if False else harness.wait_task(
-        case, lambda t: t.status == "IN_PROGRESS")
+    harness.wait_event(worker, "materialize.done")
     stack.conductor.restart()
     harness.verify(case)
 
@@ -95,8 +101,11 @@ def test_drain_deadline_aborts_and_reports_failed_for_an_immediate_retry(harness
     harness.wait_task(case, lambda t: t.status == "IN_PROGRESS")
     worker.signal(signal.SIGTERM)
     assert worker.proc.wait(30) == 0
-    failed = harness.wait_task(case, lambda t: t.status == "FAILED", timeout=10)
-    assert "aborted" in failed.reason_for_incompletion
+    # Reported FAILED at the deadline, so Conductor schedules the retry at once.
+    assert wait_until(lambda: len(harness.conductor.get_workflow(case.workflow_id).tasks) >= 2, 10)
+    aborted = harness.conductor.get_workflow(case.workflow_id).tasks[0]
+    assert aborted.status == "FAILED"
+    assert "aborted" in aborted.reason_for_incompletion
     harness.worker("next")
     run = harness.verify(case)
     assert run.tasks[-1].retry_count == 1
