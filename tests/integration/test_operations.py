@@ -1,0 +1,213 @@
+"""Operating it: check, register, config show, metrics, handler configuration, secrets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from perago_testing import one_task_workflow, seed, suffix, workspace
+
+from perago_worker.conductor import Conductor
+from perago_worker.devstack.demo import wait_for_workflow
+from perago_worker.devstack.servers import Endpoints, free_port
+from perago_worker.devstack.worker_process import WorkerProcess, start_worker
+from perago_worker.lakefs import LakeFS
+
+S = suffix()
+HERE = Path(__file__).parent
+APP = "ops_app:app"
+HANDLER_SECRET = f"handler-secret-{S}-do-not-print"
+
+
+def cli_env(endpoints: Endpoints, repo: str, tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERAGO_")}
+    env.update(endpoints.as_env())
+    env.update({
+        "PYTHONPATH": str(HERE), "PERAGO_TEST_SUFFIX": S,
+        "PERAGO_ALLOWED_REPOSITORIES": json.dumps([repo]),
+        "PERAGO_SCRATCH_ROOT": str(tmp / "scratch"),
+        "PERAGO_HANDLER_CONFIG": json.dumps({"REGION": "eu-west-9"}),
+        "PERAGO_HANDLER_SECRETS": json.dumps({"API_KEY": HANDLER_SECRET}),
+        **extra,
+    })
+    return env
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "perago_worker.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def env(endpoints: Endpoints, repo: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return cli_env(endpoints, repo, tmp_path_factory.mktemp("ops"))
+
+
+@pytest.fixture(scope="module")
+def registered(env: dict[str, str]) -> None:
+    result = cli(env, "register", APP)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def worker(endpoints: Endpoints, env: dict[str, str], registered: None,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    extra = {k: v for k, v in env.items() if k.startswith("PERAGO_") or k == "PYTHONPATH"}
+    extra.pop("PERAGO_SCRATCH_ROOT")
+    proc = start_worker(APP, endpoints, tmp_path_factory.mktemp("ops-worker"), env=extra)
+    yield proc
+    proc.stop()
+
+
+def test_register_dry_run_shows_the_diff_and_changes_nothing(env: dict[str, str], conductor: Conductor) -> None:
+    env = {**env, "PERAGO_TEST_SUFFIX": f"dry{S}"}
+    result = cli(env, "register", APP, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"+ opsws_dry{S}: create" in result.stdout
+    assert "dry run" in result.stdout
+    assert f"opsws_dry{S}" not in {d.name for d in conductor.get_task_defs()}
+
+
+def test_register_creates_definitions_with_json_schemas(registered: None, env: dict[str, str],
+                                                         conductor: Conductor) -> None:
+    defs = {d.name: d for d in conductor.get_task_defs()}
+    ws = defs[f"opsws_{S}"]
+    assert ws.response_timeout_seconds == 300
+    assert sorted(ws.input_keys) == ["params", "workspace"]
+    assert ws.description.endswith("[perago-worker]")
+    again = cli(env, "register", APP, "--dry-run")
+    assert f"opsws_{S}: up to date" in again.stdout
+
+
+def test_check_passes_against_the_local_stack(env: dict[str, str], registered: None) -> None:
+    result = cli(env, "check", APP)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    order = ["settings", "handlers import", "Conductor reachable", "lakeFS reachable",
+             "repository", "scratch root", "task definitions"]
+    positions = [next(i for i, line in enumerate(lines) if name in line) for name in order]
+    assert positions == sorted(positions)
+    assert all(line.startswith("ok") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("change", "failing", "says"),
+    [
+        ({"PERAGO_LAKEFS__SECRET_ACCESS_KEY": "wrong-secret-value-123"}, "lakeFS reachable",
+         "rejected the credentials"),
+        ({"PERAGO_CONDUCTOR__URL": "http://127.0.0.1:{port}/api"}, "Conductor reachable", "PERAGO_CONDUCTOR__URL"),
+        ({"PERAGO_ALLOWED_REPOSITORIES": '["no-such-repo-{suffix}"]'}, "repository no-such-repo", "does not exist"),
+        ({"PERAGO_SCRATCH_ROOT": "{file}/scratch"}, "scratch root", "not writable"),
+    ],
+    ids=["wrong-lakefs-secret", "unreachable-conductor", "repository-not-accessible", "scratch-not-writable"],
+)
+def test_check_fails_with_one_clear_line(env: dict[str, str], registered: None, tmp_path: Path,
+                                         change: dict[str, str], failing: str, says: str) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    values = {k: v.format(port=free_port(), suffix=S, file=blocker) for k, v in change.items()}
+    result = cli({**env, **values}, "check", APP)
+    assert result.returncode == 1
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert failing in line and says in line
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "wrong-secret-value-123" not in result.stdout + result.stderr
+
+
+def test_a_task_outside_the_allowed_repositories_fails_terminally(
+    worker: WorkerProcess, conductor: Conductor, lakefs: LakeFS, tmp_path: Path
+) -> None:
+    from perago_testing import new_repository
+
+    stranger = new_repository(lakefs, "stranger")
+    ref = seed(lakefs, stranger, {"ops/x": b"x"}, tmp_path)
+    run = run_one(conductor, f"opsws_{S}", {"workspace": workspace(stranger, ref), "params": {"name": "x"}})
+    task = run.tasks[0]
+    assert task.status == "FAILED_WITH_TERMINAL_ERROR"
+    assert "forbidden_repository" in task.reason_for_incompletion
+    assert lakefs.branch_head(stranger, "main") == ref
+
+
+def test_config_show_masks_secrets(env: dict[str, str]) -> None:
+    result = cli(env, "config", "show")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["lakefs"]["secret_access_key"] == "**********"
+    assert shown["handler_secrets"]["API_KEY"] == "**********"
+    assert shown["handler_config"] == {"REGION": "eu-west-9"}
+    assert HANDLER_SECRET not in result.stdout
+    assert env["PERAGO_LAKEFS__SECRET_ACCESS_KEY"] not in result.stdout
+
+
+def test_invalid_settings_are_one_clear_line(env: dict[str, str]) -> None:
+    result = cli({**env, "PERAGO_ENVIRONMENT": "Production!"}, "config", "show")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "environment" in result.stderr and "Traceback" not in result.stderr
+
+
+def run_one(conductor: Conductor, task_type: str, task_input: dict[str, Any]) -> Any:
+    name = one_task_workflow(conductor, task_type, sorted(task_input))
+    return wait_for_workflow(conductor, conductor.start_workflow(name, task_input), 120)
+
+
+def test_handler_reads_environment_configuration_and_secrets(worker: WorkerProcess, conductor: Conductor) -> None:
+    for key, value in (("REGION", "eu-west-9"), ("API_KEY", HANDLER_SECRET)):
+        run = run_one(conductor, f"opscfg_{S}", {"params": {"key": key}})
+        assert run.status == "COMPLETED"
+        assert run.tasks[0].output_data["result"]["sha256"] == hashlib.sha256(value.encode()).hexdigest()
+    run = run_one(conductor, f"opscfg_{S}", {"params": {"key": "NOPE"}})
+    reason = run.tasks[0].reason_for_incompletion
+    assert "NOPE" in reason and "API_KEY" in reason and "REGION" in reason
+
+
+def test_secrets_never_appear_in_the_worker_log(worker: WorkerProcess, conductor: Conductor, env: dict[str, str]) -> None:
+    run_one(conductor, f"opscfg_{S}", {"params": {"key": "API_KEY"}})
+    log = worker.log_path.read_text()
+    assert "handler.read_config" in log
+    assert HANDLER_SECRET not in log
+    assert env["PERAGO_LAKEFS__SECRET_ACCESS_KEY"] not in log
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{labels} not in /metrics")
+
+
+def test_metrics_after_a_workflow_carry_phase_histograms_and_outcomes(
+    worker: WorkerProcess, conductor: Conductor, lakefs: LakeFS, repo: str, tmp_path: Path
+) -> None:
+    ref = seed(lakefs, repo, {"ops/a.txt": b"a", "ops/b.txt": b"bb"}, tmp_path)
+    before = worker.get("/metrics")[1]
+    task_type = f"opsws_{S}"
+    try:
+        done_before = metric(before, "perago_tasks_total", task_type=task_type, status="COMPLETED")
+    except AssertionError:
+        done_before = 0.0
+    run = run_one(conductor, task_type, {"workspace": workspace(repo, ref), "params": {"name": "m"}})
+    assert run.status == "COMPLETED"
+    text = worker.get("/metrics")[1]
+    assert metric(text, "perago_tasks_total", task_type=task_type, status="COMPLETED") == done_before + 1
+    for phase in ("validate", "materialize", "pre_check", "handler", "post_check", "stage", "fence", "merge"):
+        assert metric(text, "perago_phase_seconds_count", task_type=task_type, phase=phase) >= 1, phase
+    assert metric(text, "perago_phase_seconds_count", task_type=task_type, phase="poll") > 0
+    assert metric(text, "perago_files_total", task_type=task_type, direction="down") >= 2
+    assert metric(text, "perago_files_total", task_type=task_type, direction="up") >= 1
+    assert metric(text, "perago_attempts_in_flight", task_type=task_type) == 0
+    assert metric(text, "perago_worker_state", state="running") == 1
+    assert metric(text, "perago_last_poll_timestamp_seconds") > 0
+    status = json.loads(worker.get("/status")[1])
+    assert status["state"] == "running" and status["handlers_without_definitions"] == []
