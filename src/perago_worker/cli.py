@@ -77,6 +77,16 @@ def _secrets(settings: Settings) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.processes > 1:
+        from perago_worker.supervisor import supervise
+
+        settings = load_settings(args.config)
+        return supervise(args.app, settings, processes=args.processes,
+                         skip_preflight=args.skip_preflight, config=args.config)
+    return _run_single(args)
+
+
+def _run_single(args: argparse.Namespace) -> int:
     from perago_worker.attempt import Deps
     from perago_worker.observability import logging as plog
     from perago_worker.observability.health import HealthServer
@@ -90,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     lifecycle = Lifecycle()
     app = _app(args.app)
     lakefs, conductor = clients(settings)
-    cache = (ObjectCache(settings.scratch_root / ".cache", settings.cache_max_bytes)
+    cache = (ObjectCache(settings.scratch_root / ".cache", settings.cache_max_bytes, settings.cache_mode)
              if settings.cache_max_bytes > 0 else None)
     runner = Runner(app, Deps(settings, lakefs, conductor, cache), lifecycle)
 
@@ -104,9 +114,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return {"worker_id": settings.worker_id, "environment": settings.environment,
                 "in_flight": runner.in_flight(), "handlers": sorted(app.tasks), **view}
 
-    health = HealthServer(settings.http_host, settings.http_port, lifecycle, status)
-    health.start()
-    log.info("worker.starting", version=__version__, http_port=health.port, app=args.app)
+    health = None
+    if not args.child:  # a supervised child: the supervisor serves health and metrics
+        health = HealthServer(settings.http_host, settings.http_port, lifecycle, status)
+        health.start()
+    log.info("worker.starting", version=__version__, app=args.app,
+             http_port=health.port if health else None)
     lifecycle.set("validating")
     if not args.skip_preflight:
         results = run_preflight(settings, app, lakefs, conductor)
@@ -120,7 +133,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return runner.run_forever()
     finally:
-        health.stop()
+        if health is not None:
+            health.stop()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -203,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("app")
     run.add_argument("--skip-preflight", action="store_true",
                      help="take tasks without validating first (not for production)")
+    run.add_argument("--processes", type=int, default=1, metavar="N",
+                     help="run N worker processes under one supervisor (CPU-bound handlers)")
+    run.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(fn=cmd_run)
 
     check = sub.add_parser("check", help="preflight: validate settings, servers, disk, definitions")

@@ -48,7 +48,6 @@ class ConductorSettings(BaseModel):
     url: str = "http://127.0.0.1:8080/api"
     auth_key: str | None = None
     auth_secret: SecretStr | None = None
-    request_timeout_seconds: float = Field(30.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -83,6 +82,7 @@ class Settings(BaseSettings):
     min_free_disk_mb: int = Field(512, ge=0)
     keep_failed_workspaces: bool = False
     cache_max_bytes: int = Field(2 * 1024**3, ge=0, description="0 disables the object cache")
+    cache_mode: Literal["copy", "link"] = "copy"
 
     concurrency: int = Field(4, ge=1, description="Attempts in flight per task type")
     concurrency_per_task: dict[str, int] = Field(default_factory=dict)

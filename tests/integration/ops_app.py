@@ -8,7 +8,7 @@ import os
 from pydantic import BaseModel
 
 from perago_worker import TaskContext, Worker, WorkspaceSpec
-from perago_worker.checks import require_file
+from perago_worker.checks import require_glob
 
 S = os.environ.get("PERAGO_TEST_SUFFIX", "local")
 app = Worker()
@@ -22,9 +22,10 @@ class Touched(BaseModel):
     files: int
 
 
-@app.task(f"opsws_{S}", workspace=WorkspaceSpec(prefix="/ops"), post=[require_file("touched.txt")])
+@app.task(f"opsws_{S}", workspace=WorkspaceSpec(prefix="/ops"), post=[require_glob("touched/*.txt")])
 def touch(ctx: TaskContext, params: Touch) -> Touched:
-    (ctx.workspace.root / "touched.txt").write_text(params.name)
+    (ctx.workspace.root / "touched").mkdir(exist_ok=True)
+    (ctx.workspace.root / "touched" / f"{params.name}.txt").write_text(params.name)
     return Touched(files=sum(1 for p in ctx.workspace.root.rglob("*") if p.is_file()))
 
 

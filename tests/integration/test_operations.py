@@ -211,3 +211,34 @@ def test_metrics_after_a_workflow_carry_phase_histograms_and_outcomes(
     assert metric(text, "perago_last_poll_timestamp_seconds") > 0
     status = json.loads(worker.get("/status")[1])
     assert status["state"] == "running" and status["handlers_without_definitions"] == []
+
+
+def test_several_processes_share_one_port_and_their_metrics_add_up(
+    endpoints: Endpoints, env: dict[str, str], conductor: Conductor, lakefs: LakeFS, repo: str,
+    tmp_path: Path, worker: WorkerProcess,
+) -> None:
+    worker.stop()  # the single-process worker would compete for the tasks
+    extra = {k: v for k, v in env.items() if k.startswith("PERAGO_") or k == "PYTHONPATH"}
+    extra.pop("PERAGO_SCRATCH_ROOT")
+    extra["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    multi = start_worker(APP, endpoints, tmp_path / "multi", env=extra, args=("--processes", "2"))
+    try:
+        ref = seed(lakefs, repo, {"ops/m.txt": b"m"}, tmp_path)
+        task_type = f"opsws_{S}"
+        name = one_task_workflow(conductor, task_type, ["params", "workspace"])
+        ids = [conductor.start_workflow(name, {"workspace": workspace(repo, ref, "main"),
+                                               "params": {"name": f"p{i}"}}) for i in range(4)]
+        runs = [wait_for_workflow(conductor, i, 120) for i in ids]
+        assert [r.status for r in runs] == ["COMPLETED"] * 4
+        completed = 4
+        text = multi.get("/metrics")[1]
+        total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("perago_tasks_total{") and f'task_type="{task_type}"' in line)
+        assert total == len(runs)
+        assert metric(text, "perago_tasks_total", task_type=task_type, status="COMPLETED") == completed
+        assert metric(text, "perago_attempts_in_flight", task_type=task_type) == 0
+        assert metric(text, "perago_worker_state", state="running") == 1
+        status = json.loads(multi.get("/status")[1])
+        assert len(status["processes"]) == 2 and all(status["processes"].values())
+    finally:
+        assert multi.stop() == 0

@@ -87,6 +87,7 @@ def start_worker(
     name: str = "worker",
     wait: bool = True,
     skip_preflight: bool = False,
+    args: tuple[str, ...] = (),
 ) -> WorkerProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -106,6 +107,7 @@ def start_worker(
     cmd = [sys.executable, "-m", "perago_worker.cli", "run", app]
     if skip_preflight:
         cmd.append("--skip-preflight")
+    cmd.extend(args)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)

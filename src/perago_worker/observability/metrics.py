@@ -7,7 +7,14 @@ live processes combine (summed in-flight attempts, the newest heartbeat, ...).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+# Multiprocess mode writes one file per process into this folder; it must exist before the
+# first metric is created (at import), so create it rather than fail on a fresh emptyDir.
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+from prometheus_client import Counter, Gauge, Histogram  # noqa: E402
 
 PHASES = (
     "poll", "validate", "materialize", "pre_check", "handler", "post_check",

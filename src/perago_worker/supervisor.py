@@ -1,0 +1,113 @@
+"""`perago-worker run APP --processes N`: N worker processes behind one health port.
+
+CPU-bound handlers hold the GIL; separate processes give them separate cores. The
+supervisor runs the preflight once, starts the children (each with its own worker id, no
+HTTP server), serves /healthz, /readyz and /metrics for all of them (prometheus-client's
+multiprocess mode aggregates the children's metric files), forwards SIGTERM so every child
+drains, restarts a child that dies, and exits 0 once all have drained.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from perago_worker.settings import Settings
+
+
+def supervise(app: str, settings: Settings, *, processes: int, skip_preflight: bool,
+              config: str | None) -> int:
+    multiproc = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="perago-metrics-")
+    Path(multiproc).mkdir(parents=True, exist_ok=True)
+    for stale in Path(multiproc).glob("*.db"):  # an earlier run's processes, not ours
+        if not stale.stem.endswith(f"_{os.getpid()}"):
+            stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc
+
+    from prometheus_client import multiprocess
+
+    from perago_worker.cli import CliError, _app, _secrets, clients
+    from perago_worker.observability import logging as plog
+    from perago_worker.observability.health import HealthServer
+    from perago_worker.preflight import run_preflight
+    from perago_worker.runner import Lifecycle
+
+    plog.configure(settings.log_level, settings.log_format, _secrets(settings))
+    log = plog.get_logger(supervisor=settings.worker_id)
+    lifecycle = Lifecycle()
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = threading.Event()
+
+    def child_alive() -> dict[str, object]:
+        return {"processes": {i: p.poll() is None for i, p in children.items()}}
+
+    health = HealthServer(settings.http_host, settings.http_port, lifecycle, child_alive)
+    health.start()
+    lifecycle.set("validating")
+    worker = _app(app)
+    if not skip_preflight:
+        lakefs, conductor = clients(settings)
+        results = run_preflight(settings, worker, lakefs, conductor)
+        failed = [r for r in results if r.ok is False]
+        if failed:
+            lifecycle.set("failed")
+            raise CliError(f"preflight failed: {failed[0].name}: {failed[0].detail}")
+    lifecycle.preflight_ok = True
+
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PERAGO_WORKER_ID": f"{settings.worker_id}-p{index}",
+               "PROMETHEUS_MULTIPROC_DIR": multiproc}
+        cmd = [sys.executable, "-m", "perago_worker.cli"]
+        if config:
+            cmd += ["--config", config]
+        cmd += ["run", app, "--skip-preflight", "--child"]
+        return subprocess.Popen(cmd, env=env)
+
+    for index in range(processes):
+        children[index] = spawn(index)
+    lifecycle.set("running")
+    log.info("supervisor.running", processes=processes, http_port=health.port)
+
+    signals_seen = 0
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        for proc in children.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL if signals_seen > 1 else signal.SIGTERM)
+        if signals_seen > 1:
+            os._exit(130)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopping.wait(0.5):
+        for index, proc in list(children.items()):
+            if proc.poll() is not None:  # died without being asked: restart it
+                multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+                log.warning("supervisor.child_died", index=index, code=proc.returncode)
+                time.sleep(1)
+                children[index] = spawn(index)
+    lifecycle.set("draining")
+    deadline = time.monotonic() + settings.drain_grace_seconds + 30
+    code = 0
+    for proc in children.values():
+        try:
+            proc.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = 1
+        multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+    lifecycle.set("stopped")
+    health.stop()
+    log.info("supervisor.stopped", code=code)
+    return code
