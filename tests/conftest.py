@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from perago_testing import new_repository
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.servers import Endpoints, Stack, start_stack
 from perago_worker.lakefs import LakeFS
-from perago_testing import new_repository
 
 _STACK: Stack | None = None
 

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from perago_worker.app import Worker
-from perago_worker.attempt import Deps
 from perago_worker.conductor import Conductor
-from perago_worker.devstack.demo import register_app, wait_for_workflow
+from perago_worker.devstack.demo import wait_for_workflow
 from perago_worker.devstack.servers import Endpoints
 from perago_worker.lakefs import LakeFS
-from perago_worker.runner import Lifecycle, Runner
+from perago_worker.runner import Runner
 from perago_worker.settings import ConductorSettings, LakeFSSettings, Settings
 
 
@@ -59,12 +58,23 @@ _WORKFLOWS: set[str] = set()
 def one_task_workflow(conductor: Conductor, task_type: str, keys: list[str]) -> str:
     name = f"wf_{task_type}_{'_'.join(keys) or 'none'}"
     if name not in _WORKFLOWS:
-        conductor.register_workflow({
-            "name": name, "version": 1, "schemaVersion": 2, "ownerEmail": "tests@localhost",
-            "tasks": [{"name": task_type, "taskReferenceName": "only", "type": "SIMPLE",
-                       "inputParameters": {k: f"${{workflow.input.{k}}}" for k in keys}}],
-            "outputParameters": {"output": "${only.output}"},
-        })
+        conductor.register_workflow(
+            {
+                "name": name,
+                "version": 1,
+                "schemaVersion": 2,
+                "ownerEmail": "tests@localhost",
+                "tasks": [
+                    {
+                        "name": task_type,
+                        "taskReferenceName": "only",
+                        "type": "SIMPLE",
+                        "inputParameters": {k: f"${{workflow.input.{k}}}" for k in keys},
+                    }
+                ],
+                "outputParameters": {"output": "${only.output}"},
+            }
+        )
         _WORKFLOWS.add(name)
     return name
 
@@ -78,7 +88,9 @@ def task_of(run: Any) -> Any:
     return task
 
 
-def seed(lakefs: LakeFS, repo: str, files: dict[str, bytes], tmp: Path, branch: str = "main") -> str:
+def seed(
+    lakefs: LakeFS, repo: str, files: dict[str, bytes], tmp: Path, branch: str = "main"
+) -> str:
     """Commit `files` (key -> content) on `branch`; return the commit id."""
     for i, (key, content) in enumerate(files.items()):
         src = tmp / f"seed-{i}"

@@ -1,7 +1,7 @@
 """perago-worker: Conductor tasks in private per-attempt copies of lakeFS prefixes.
 
-    from perago_worker import Worker, WorkspaceSpec, TaskContext, TerminalError
-    from perago_worker.checks import require_file, require_dir, require_glob, forbid_glob
+from perago_worker import Worker, WorkspaceSpec, TaskContext, TerminalError
+from perago_worker.checks import require_file, require_dir, require_glob, forbid_glob
 """
 
 from perago_worker._version import __version__

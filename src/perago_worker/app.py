@@ -66,7 +66,9 @@ class TaskSpec:
         return f"{self.fn.__module__}.{self.fn.__qualname__}"
 
 
-def _models_from_hints(name: str, fn: Callable[..., Any]) -> tuple[type[BaseModel], type[BaseModel]]:
+def _models_from_hints(
+    name: str, fn: Callable[..., Any]
+) -> tuple[type[BaseModel], type[BaseModel]]:
     where = f"task {name!r} ({getattr(fn, '__qualname__', fn)!r})"
     params = list(inspect.signature(fn).parameters.values())
     if len(params) != 2:

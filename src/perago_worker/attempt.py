@@ -106,10 +106,12 @@ class Attempt:
             return Outcome(Status.FAILED, reason=bound_reason(f"aborted: {exc}"), kind="aborted")
         except Exception as exc:
             transient = is_transient(exc) or isinstance(exc, LakeFSError | OSError)
-            self.log.error("attempt.error", error=repr(exc), traceback=traceback.format_exc(limit=8))
+            self.log.error(
+                "attempt.error", error=repr(exc), traceback=traceback.format_exc(limit=8)
+            )
             kind = FailureKind.INFRASTRUCTURE if transient else FailureKind.HANDLER_ERROR
-            failure = TaskFailure(kind, f"{type(exc).__name__}: {exc}")
-            return Outcome(Status.FAILED, reason=failure.reason, kind=kind.value)
+            wrapped = TaskFailure(kind, f"{type(exc).__name__}: {exc}")
+            return Outcome(Status.FAILED, reason=wrapped.reason, kind=kind.value)
 
     def _run(self) -> Outcome:
         spec = self.spec
@@ -159,7 +161,9 @@ class Attempt:
         try:
             return self.spec.params_model.model_validate(raw)
         except ValidationError as exc:
-            raise TaskFailure(FailureKind.BAD_PARAMS, describe_validation_error(exc, "params")) from None
+            raise TaskFailure(
+                FailureKind.BAD_PARAMS, describe_validation_error(exc, "params")
+            ) from None
 
     def _handle(self, params: BaseModel) -> dict[str, Any]:
         with self.phase("handler"):
@@ -172,9 +176,12 @@ class Attempt:
             except TaskFailure:
                 raise
             except Exception as exc:
-                self.log.warning("handler.raised", error=repr(exc),
-                                 traceback=traceback.format_exc(limit=8))
-                raise TaskFailure(FailureKind.HANDLER_ERROR, f"{type(exc).__name__}: {exc}") from None
+                self.log.warning(
+                    "handler.raised", error=repr(exc), traceback=traceback.format_exc(limit=8)
+                )
+                raise TaskFailure(
+                    FailureKind.HANDLER_ERROR, f"{type(exc).__name__}: {exc}"
+                ) from None
         try:
             if isinstance(returned, self.spec.result_model):
                 model = self.spec.result_model.model_validate(returned.model_dump())
@@ -206,10 +213,14 @@ class Attempt:
         }
 
     def _output(self, ws: WorkspaceRef, ref: str, result: dict[str, Any]) -> Outcome:
-        out_ws = WorkspaceRef(repository=ws.repository, branch=ws.branch, ref_type="commit", ref=ref)
+        out_ws = WorkspaceRef(
+            repository=ws.repository, branch=ws.branch, ref_type="commit", ref=ref
+        )
         return Outcome(Status.COMPLETED, TaskOutput(workspace=out_ws, result=result).to_conductor())
 
-    def _run_workspace(self, ws: WorkspaceRef, params: BaseModel, raw_params: dict[str, Any]) -> Outcome:
+    def _run_workspace(
+        self, ws: WorkspaceRef, params: BaseModel, raw_params: dict[str, Any]
+    ) -> Outcome:
         deps, ctx, spec = self.deps, self.ctx, self.spec
         assert spec.workspace is not None
         prefix = spec.workspace.key_prefix
@@ -223,7 +234,9 @@ class Attempt:
             adopted = publish.adopt(deps.lakefs, ws.repository, ws.branch, key, message, provenance)
             figures["adopted"] = adopted is not None
         if adopted is not None:
-            metrics.FENCE_REJECTIONS.labels(task_type=spec.name, fence="publish", kind="adopted_before_run").inc()
+            metrics.FENCE_REJECTIONS.labels(
+                task_type=spec.name, fence="publish", kind="adopted_before_run"
+            ).inc()
             self.log.info("publish.adopted", ref=adopted.ref, merged_now=adopted.merged)
             return self._output(ws, adopted.ref, adopted.result)
 
@@ -234,9 +247,14 @@ class Attempt:
                 f"scratch root {settings.scratch_root} has less than {settings.min_free_disk_mb} MiB free",
             )
         attempt_dir = AttemptDir.create(
-            settings.scratch_root, ctx.task_id,
-            {"worker_id": ctx.worker_id, "task_id": ctx.task_id, "workflow_id": ctx.workflow_id,
-             "repository": ws.repository},
+            settings.scratch_root,
+            ctx.task_id,
+            {
+                "worker_id": ctx.worker_id,
+                "task_id": ctx.task_id,
+                "workflow_id": ctx.workflow_id,
+                "repository": ws.repository,
+            },
         )
         staging = fences.staging_branch(ctx.task_id, self.uid, time.time())
         attempt_dir.record(staging_branch=staging)
@@ -247,8 +265,13 @@ class Attempt:
             ctx._workspace = AttemptWorkspace(root, ws.repository, ws.branch, ws.ref, prefix)
             with self.phase("materialize") as figures:
                 manifest, mstats = materialize(
-                    deps.lakefs, ws.repository, ws.ref, prefix, root,
-                    concurrency=settings.transfer_concurrency, cache=deps.cache,
+                    deps.lakefs,
+                    ws.repository,
+                    ws.ref,
+                    prefix,
+                    root,
+                    concurrency=settings.transfer_concurrency,
+                    cache=deps.cache,
                     cancelled=lambda: ctx.cancelled,
                 )
                 figures.update(files=mstats.files, bytes=mstats.bytes, cached=mstats.cached_files)
@@ -280,41 +303,70 @@ class Attempt:
                 try:
                     changes = diff(manifest, scan(root))
                 except Unpublishable as exc:
-                    raise TaskFailure(FailureKind.UNPUBLISHABLE, f"{exc}; nothing was published") from None
+                    raise TaskFailure(
+                        FailureKind.UNPUBLISHABLE, f"{exc}; nothing was published"
+                    ) from None
                 figures["changes"] = changes.summary()
                 if not changes.empty:
                     sstats = publish.stage(
-                        deps.lakefs, ws.repository, ws.ref, staging, prefix, root, changes,
-                        concurrency=settings.transfer_concurrency, cancelled=lambda: ctx.cancelled,
+                        deps.lakefs,
+                        ws.repository,
+                        ws.ref,
+                        staging,
+                        prefix,
+                        root,
+                        changes,
+                        concurrency=settings.transfer_concurrency,
+                        cancelled=lambda: ctx.cancelled,
                     )
                     staged = publish.commit_staged(
-                        deps.lakefs, ws.repository, staging, message,
-                        {**provenance, fences.META_KEY: key,
-                         fences.META_RESULT: publish.result_metadata(result)},
+                        deps.lakefs,
+                        ws.repository,
+                        staging,
+                        message,
+                        {
+                            **provenance,
+                            fences.META_KEY: key,
+                            fences.META_RESULT: publish.result_metadata(result),
+                        },
                     )
-                    figures.update(files=sstats.files, bytes=sstats.bytes, deleted=sstats.deleted,
-                                   staged_commit=staged)
+                    figures.update(
+                        files=sstats.files,
+                        bytes=sstats.bytes,
+                        deleted=sstats.deleted,
+                        staged_commit=staged,
+                    )
                     faultpoints.hit("stage.committed")
                     metrics.FILES.labels(task_type=spec.name, direction="up").inc(sstats.files)
                     metrics.BYTES.labels(task_type=spec.name, direction="up").inc(sstats.bytes)
             if changes.empty:
                 # Nothing to publish: no commit, no merge; the output ref is the input ref.
                 if not self.still_live():
-                    return Outcome(Status.FAILED, reason="attempt lost its lease", kind="zombie", report=False)
+                    return Outcome(
+                        Status.FAILED, reason="attempt lost its lease", kind="zombie", report=False
+                    )
                 succeeded = True
                 return self._output(ws, ws.ref, result)
 
             with self.phase("fence") as figures:
                 if ctx.cancelled or not self.still_live():
                     figures["verdict"] = "zombie"
-                    return Outcome(Status.FAILED, reason="attempt lost its lease before merging",
-                                   kind="zombie", report=False)
+                    return Outcome(
+                        Status.FAILED,
+                        reason="attempt lost its lease before merging",
+                        kind="zombie",
+                        report=False,
+                    )
                 owner = publish.claim(deps.lakefs, ws.repository, key, staged)
                 figures["claimed"] = owner
             with self.phase("merge") as figures:
                 if not owner:
-                    metrics.FENCE_REJECTIONS.labels(task_type=spec.name, fence="publish", kind="adopted_race").inc()
-                    adopted = publish.adopt(deps.lakefs, ws.repository, ws.branch, key, message, provenance)
+                    metrics.FENCE_REJECTIONS.labels(
+                        task_type=spec.name, fence="publish", kind="adopted_race"
+                    ).inc()
+                    adopted = publish.adopt(
+                        deps.lakefs, ws.repository, ws.branch, key, message, provenance
+                    )
                     assert adopted is not None
                     figures.update(adopted=True, ref=adopted.ref)
                     succeeded = True
@@ -328,7 +380,9 @@ class Attempt:
                     ours = [relative_to_key(f.rel, prefix) for f in changes.uploads] + [
                         relative_to_key(r, prefix) for r in changes.deleted
                     ]
-                    paths = publish.conflicting_paths(deps.lakefs, ws.repository, ws.ref, ws.branch, ours)
+                    paths = publish.conflicting_paths(
+                        deps.lakefs, ws.repository, ws.ref, ws.branch, ours
+                    )
                     raise TaskFailure(
                         FailureKind.MERGE_CONFLICT,
                         f"merging into branch {ws.branch!r} conflicts on "

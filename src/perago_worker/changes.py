@@ -105,7 +105,9 @@ def scan(root: Path) -> dict[PurePosixPath, os.stat_result]:
                     stack.append(Path(entry.path))
                     continue
                 if not stat.S_ISREG(st.st_mode):
-                    raise Unpublishable(rel_text, _kind(st.st_mode) + "; only regular files can be published")
+                    raise Unpublishable(
+                        rel_text, _kind(st.st_mode) + "; only regular files can be published"
+                    )
                 try:
                     rel = validate_relative(rel_text, what="file name")
                 except UnsafeKey as exc:
@@ -127,9 +129,7 @@ def diff(manifest: Manifest, current: dict[PurePosixPath, os.stat_result]) -> Ch
         # A hard link whose other names are not in this workspace shares an inode with a
         # file elsewhere on the host; publishing it would publish that file.
         if st.st_nlink > links_seen[st.st_ino] and st.st_ino not in known_inodes:
-            raise Unpublishable(
-                rel.as_posix(), "is a hard link to a file outside the workspace"
-            )
+            raise Unpublishable(rel.as_posix(), "is a hard link to a file outside the workspace")
         target = changes.added if entry is None else changes.modified
         target.append(LocalFile(rel, st.st_size))
     changes.deleted = sorted(rel for rel in manifest if rel not in current)

@@ -34,14 +34,22 @@ class Check:
     min_count: int = 1
 
     def __str__(self) -> str:
-        suffix = f", min_count={self.min_count}" if self.kind == "require_glob" and self.min_count != 1 else ""
+        suffix = (
+            f", min_count={self.min_count}"
+            if self.kind == "require_glob" and self.min_count != 1
+            else ""
+        )
         return f"{self.kind}({self.target!r}{suffix})"
 
     def run(self, root: Path) -> CheckFailure | None:
         if self.kind == "require_file":
             path = root / self.target
             if path.is_symlink() or not path.is_file():
-                what = "is missing" if not path.exists() and not path.is_symlink() else "is not a regular file"
+                what = (
+                    "is missing"
+                    if not path.exists() and not path.is_symlink()
+                    else "is not a regular file"
+                )
                 return CheckFailure(str(self), f"{self.target} {what}")
             return None
         if self.kind == "require_dir":
@@ -73,15 +81,18 @@ def _glob_files(root: Path, pattern: str) -> Iterable[str]:
 
 def _relative(target: str, kind: str) -> str:
     try:
-        return validate_relative(target.rstrip("/") if kind == "require_dir" else target,
-                                 what=f"{kind} path").as_posix()
+        return validate_relative(
+            target.rstrip("/") if kind == "require_dir" else target, what=f"{kind} path"
+        ).as_posix()
     except UnsafeKey as exc:
         raise ValueError(f"{kind}({target!r}): {exc.why}") from None
 
 
 def _pattern(pattern: str, kind: str) -> str:
     if not pattern or pattern.startswith("/") or "\\" in pattern or ".." in pattern.split("/"):
-        raise ValueError(f"{kind}({pattern!r}): a pattern must be relative, use '/', and have no '..'")
+        raise ValueError(
+            f"{kind}({pattern!r}): a pattern must be relative, use '/', and have no '..'"
+        )
     return pattern
 
 

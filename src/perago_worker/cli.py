@@ -53,8 +53,11 @@ def clients(settings: Settings) -> tuple[LakeFS, Conductor]:
     conductor = Conductor(
         settings.conductor.url,
         auth_key=settings.conductor.auth_key,
-        auth_secret=(settings.conductor.auth_secret.get_secret_value()
-                     if settings.conductor.auth_secret else None),
+        auth_secret=(
+            settings.conductor.auth_secret.get_secret_value()
+            if settings.conductor.auth_secret
+            else None
+        ),
     )
     return lakefs, conductor
 
@@ -81,8 +84,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from perago_worker.supervisor import supervise
 
         settings = load_settings(args.config)
-        return supervise(args.app, settings, processes=args.processes,
-                         skip_preflight=args.skip_preflight, config=args.config)
+        return supervise(
+            args.app,
+            settings,
+            processes=args.processes,
+            skip_preflight=args.skip_preflight,
+            config=args.config,
+        )
     return _run_single(args)
 
 
@@ -100,26 +108,40 @@ def _run_single(args: argparse.Namespace) -> int:
     lifecycle = Lifecycle()
     app = _app(args.app)
     lakefs, conductor = clients(settings)
-    cache = (ObjectCache(settings.scratch_root / ".cache", settings.cache_max_bytes, settings.cache_mode)
-             if settings.cache_max_bytes > 0 else None)
+    cache = (
+        ObjectCache(settings.scratch_root / ".cache", settings.cache_max_bytes, settings.cache_mode)
+        if settings.cache_max_bytes > 0
+        else None
+    )
     runner = Runner(app, Deps(settings, lakefs, conductor, cache), lifecycle)
 
     def status() -> dict[str, Any]:
         try:
             cov = coverage(app, conductor.get_task_defs())
-            view: dict[str, Any] = {"handlers_without_definitions": cov.missing_definitions,
-                                    "definitions_without_handlers": cov.unserved_definitions}
+            view: dict[str, Any] = {
+                "handlers_without_definitions": cov.missing_definitions,
+                "definitions_without_handlers": cov.unserved_definitions,
+            }
         except Exception as exc:
             view = {"definitions": f"unavailable: {exc}"}
-        return {"worker_id": settings.worker_id, "environment": settings.environment,
-                "in_flight": runner.in_flight(), "handlers": sorted(app.tasks), **view}
+        return {
+            "worker_id": settings.worker_id,
+            "environment": settings.environment,
+            "in_flight": runner.in_flight(),
+            "handlers": sorted(app.tasks),
+            **view,
+        }
 
     health = None
     if not args.child:  # a supervised child: the supervisor serves health and metrics
         health = HealthServer(settings.http_host, settings.http_port, lifecycle, status)
         health.start()
-    log.info("worker.starting", version=__version__, app=args.app,
-             http_port=health.port if health else None)
+    log.info(
+        "worker.starting",
+        version=__version__,
+        app=args.app,
+        http_port=health.port if health else None,
+    )
     lifecycle.set("validating")
     if not args.skip_preflight:
         results = run_preflight(settings, app, lakefs, conductor)
@@ -183,20 +205,30 @@ def cmd_gc(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     lakefs, conductor = clients(settings)
     repositories = args.repository or settings.allowed_repositories
-    report = collect(settings.scratch_root, lakefs, conductor, repositories,
-                     older_than=args.older_than, intent_older_than=args.intent_older_than,
-                     dry_run=args.dry_run)
+    report = collect(
+        settings.scratch_root,
+        lakefs,
+        conductor,
+        repositories,
+        older_than=args.older_than,
+        intent_older_than=args.intent_older_than,
+        dry_run=args.dry_run,
+    )
     verb = "would remove" if args.dry_run else "removed"
-    for label, items in (("attempt folder", report.attempt_dirs),
-                         ("staging branch", report.staging_branches),
-                         ("intent branch", report.intent_branches)):
+    for label, items in (
+        ("attempt folder", report.attempt_dirs),
+        ("staging branch", report.staging_branches),
+        ("intent branch", report.intent_branches),
+    ):
         for item in items:
             print(f"{verb} {label} {item}")
     for item in report.kept_live:
         print(f"kept (live) {item}")
-    print(f"{verb}: {len(report.attempt_dirs)} attempt folder(s), "
-          f"{len(report.staging_branches)} staging branch(es), "
-          f"{len(report.intent_branches)} intent branch(es)")
+    print(
+        f"{verb}: {len(report.attempt_dirs)} attempt folder(s), "
+        f"{len(report.staging_branches)} staging branch(es), "
+        f"{len(report.intent_branches)} intent branch(es)"
+    )
     return 0
 
 
@@ -215,10 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve the handlers of APP (module:attribute)")
     run.add_argument("app")
-    run.add_argument("--skip-preflight", action="store_true",
-                     help="take tasks without validating first (not for production)")
-    run.add_argument("--processes", type=int, default=1, metavar="N",
-                     help="run N worker processes under one supervisor (CPU-bound handlers)")
+    run.add_argument(
+        "--skip-preflight",
+        action="store_true",
+        help="take tasks without validating first (not for production)",
+    )
+    run.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N worker processes under one supervisor (CPU-bound handlers)",
+    )
     run.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(fn=cmd_run)
 
@@ -235,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="remove leftovers of crashed attempts")
     gc.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS")
     gc.add_argument("--intent-older-than", type=float, default=7 * 86400.0, metavar="SECONDS")
-    gc.add_argument("--repository", action="append", help="repeatable; default: allowed_repositories")
+    gc.add_argument(
+        "--repository", action="append", help="repeatable; default: allowed_repositories"
+    )
     gc.add_argument("--dry-run", action="store_true")
     gc.set_defaults(fn=cmd_gc)
 
@@ -260,8 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"perago-worker: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-              " (run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"perago-worker: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            " (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

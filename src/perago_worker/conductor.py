@@ -39,8 +39,15 @@ from perago_worker.observability import metrics
 
 T = TypeVar("T")
 TERMINAL_TASK_STATES = frozenset(
-    {"COMPLETED", "COMPLETED_WITH_ERRORS", "FAILED", "FAILED_WITH_TERMINAL_ERROR",
-     "CANCELED", "TIMED_OUT", "SKIPPED"}
+    {
+        "COMPLETED",
+        "COMPLETED_WITH_ERRORS",
+        "FAILED",
+        "FAILED_WITH_TERMINAL_ERROR",
+        "CANCELED",
+        "TIMED_OUT",
+        "SKIPPED",
+    }
 )
 
 
@@ -105,9 +112,13 @@ class Conductor:
         self.workflows = WorkflowResourceApi(self._client)
         self._retry_seconds = retry_seconds
 
-    def call(self, fn: Callable[..., T], *args: Any, retry_seconds: float | None = None, **kwargs: Any) -> T:
+    def call(
+        self, fn: Callable[..., T], *args: Any, retry_seconds: float | None = None, **kwargs: Any
+    ) -> T:
         try:
-            for attempt in retrying(self._retry_seconds if retry_seconds is None else retry_seconds):
+            for attempt in retrying(
+                self._retry_seconds if retry_seconds is None else retry_seconds
+            ):
                 with attempt:
                     return fn(*args, **kwargs)
         except ApiException as exc:
@@ -165,13 +176,26 @@ class Conductor:
 
     def register_workflow(self, workflow_def: dict[str, Any]) -> None:
         """Create or replace a workflow definition (raw JSON keeps examples readable)."""
-        self.call(self._client.call_api, "/metadata/workflow", "PUT", body=[workflow_def],
-                  header_params={"Content-Type": "application/json"}, _return_http_data_only=True)
+        self.call(
+            self._client.call_api,
+            "/metadata/workflow",
+            "PUT",
+            body=[workflow_def],
+            header_params={"Content-Type": "application/json"},
+            _return_http_data_only=True,
+        )
 
-    def start_workflow(self, name: str, workflow_input: dict[str, Any], *, version: int | None = None,
-                       task_to_domain: dict[str, str] | None = None) -> str:
-        request = StartWorkflowRequest(name=name, version=version, input=workflow_input,
-                                       task_to_domain=task_to_domain)
+    def start_workflow(
+        self,
+        name: str,
+        workflow_input: dict[str, Any],
+        *,
+        version: int | None = None,
+        task_to_domain: dict[str, str] | None = None,
+    ) -> str:
+        request = StartWorkflowRequest(
+            name=name, version=version, input=workflow_input, task_to_domain=task_to_domain
+        )
         return str(self.call(self.workflows.start_workflow, request))
 
     def decide(self, workflow_id: str) -> None:

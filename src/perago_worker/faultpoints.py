@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import signal
 
-_ARMED = frozenset(p.strip() for p in os.environ.get("PERAGO_FAULT_POINTS", "").split(",") if p.strip())
+_ARMED = frozenset(
+    p.strip() for p in os.environ.get("PERAGO_FAULT_POINTS", "").split(",") if p.strip()
+)
 
 
 def armed(point: str) -> bool:

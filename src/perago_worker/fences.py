@@ -56,7 +56,9 @@ def attempt_verdict(state: TaskState | None, worker_id: str, poll_count: int) ->
         return Verdict(False, "other_worker", f"task is held by worker {state.worker_id!r}")
     if state.poll_count != poll_count:
         return Verdict(
-            False, "redelivered", f"task was polled again (poll count {state.poll_count} != {poll_count})"
+            False,
+            "redelivered",
+            f"task was polled again (poll count {state.poll_count} != {poll_count})",
         )
     return Verdict(True)
 
@@ -67,7 +69,9 @@ def publish_key(
     # JSON-encoding the whole tuple keeps field boundaries unambiguous whatever they contain.
     material = json.dumps(
         [workflow_id, reference_name, task_type, input_ref, params],
-        sort_keys=True, separators=(",", ":"), default=str,
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
     )
     return hashlib.sha256(material.encode()).hexdigest()
 

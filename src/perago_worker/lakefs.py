@@ -127,8 +127,11 @@ class CommitInfo:
 
 def _commit(c: Any) -> CommitInfo:
     return CommitInfo(
-        id=c.id, parents=list(c.parents or []), message=c.message or "",
-        metadata=dict(c.metadata or {}), creation_date=int(c.creation_date or 0),
+        id=c.id,
+        parents=list(c.parents or []),
+        message=c.message or "",
+        metadata=dict(c.metadata or {}),
+        creation_date=int(c.creation_date or 0),
     )
 
 
@@ -157,8 +160,12 @@ class LakeFS:
         self._auth = urllib3.make_headers(basic_auth=f"{access_key_id}:{secret_access_key}")
         self._timeout = urllib3.Timeout(connect=10.0, read=timeout)
         self._pool = urllib3.PoolManager(
-            num_pools=4, maxsize=pool_size, block=True, retries=False,
-            timeout=self._timeout, blocksize=BLOCK,
+            num_pools=4,
+            maxsize=pool_size,
+            block=True,
+            retries=False,
+            timeout=self._timeout,
+            blocksize=BLOCK,
         )
         self._retry_seconds = retry_seconds
 
@@ -252,9 +259,7 @@ class LakeFS:
         paths: list[str] = []
         after = ""
         while len(paths) < limit:
-            page = self.call(
-                self.refs.diff_refs, repository, left, right, after=after, amount=1000
-            )
+            page = self.call(self.refs.diff_refs, repository, left, right, after=after, amount=1000)
             paths.extend(d.path for d in page.results)
             if not page.pagination.has_more:
                 break
@@ -277,7 +282,11 @@ class LakeFS:
         for attempt in retrying(self._retry_seconds):
             with attempt, source.open("rb") as body:
                 resp = self._pool.request(
-                    "POST", url, body=body, headers=headers, timeout=self._timeout,
+                    "POST",
+                    url,
+                    body=body,
+                    headers=headers,
+                    timeout=self._timeout,
                     preload_content=True,
                 )
                 if resp.status not in (200, 201):
@@ -314,8 +323,12 @@ class LakeFS:
         after = ""
         while True:
             page = self.call(
-                self.branches.list_branches, repository, prefix=prefix, after=after,
-                amount=1000, show_hidden=True,
+                self.branches.list_branches,
+                repository,
+                prefix=prefix,
+                after=after,
+                amount=1000,
+                show_hidden=True,
             )
             for ref in page.results:
                 yield ref.id, ref.commit_id
@@ -323,7 +336,9 @@ class LakeFS:
                 return
             after = page.pagination.next_offset
 
-    def commit(self, repository: str, branch: str, message: str, metadata: dict[str, str]) -> CommitInfo:
+    def commit(
+        self, repository: str, branch: str, message: str, metadata: dict[str, str]
+    ) -> CommitInfo:
         return _commit(
             self.call(
                 self.commits.commit,
@@ -350,13 +365,17 @@ class LakeFS:
         )
         return str(result.reference)
 
-    def log(self, repository: str, ref: str, *, amount: int = 1000, first_parent: bool = True) -> list[CommitInfo]:
+    def log(
+        self, repository: str, ref: str, *, amount: int = 1000, first_parent: bool = True
+    ) -> list[CommitInfo]:
         page = self.call(
             self.refs.log_commits, repository, ref, amount=amount, first_parent=first_parent
         )
         return [_commit(c) for c in page.results]
 
-    def create_repository(self, name: str, storage_namespace: str, default_branch: str = "main") -> None:
+    def create_repository(
+        self, name: str, storage_namespace: str, default_branch: str = "main"
+    ) -> None:
         self.call(
             self.repos.create_repository,
             lakefs_sdk.RepositoryCreation(

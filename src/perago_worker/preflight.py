@@ -48,17 +48,28 @@ def run_preflight(
     results: list[Result] = [Result("settings", True, f"environment {settings.environment}")]
 
     if app is not None:
-        results.append(Result("handlers import", True, f"{len(app.tasks)} handler(s): "
-                              + ", ".join(sorted(app.tasks))))
+        results.append(
+            Result(
+                "handlers import",
+                True,
+                f"{len(app.tasks)} handler(s): " + ", ".join(sorted(app.tasks)),
+            )
+        )
     else:
         results.append(Result("handlers import", False, app_error or "no APP given"))
 
-    conductor_ok = _step(results, "Conductor reachable and authorized",
-                         lambda: f"{len(conductor.get_task_defs())} task definition(s) at {conductor.url}",
-                         hint="check PERAGO_CONDUCTOR__URL and the auth key/secret")
-    lakefs_ok = _step(results, "lakeFS reachable and authorized",
-                      lambda: _lakefs_probe(lakefs),
-                      hint="check PERAGO_LAKEFS__ENDPOINT and the access key/secret")
+    conductor_ok = _step(
+        results,
+        "Conductor reachable and authorized",
+        lambda: f"{len(conductor.get_task_defs())} task definition(s) at {conductor.url}",
+        hint="check PERAGO_CONDUCTOR__URL and the auth key/secret",
+    )
+    lakefs_ok = _step(
+        results,
+        "lakeFS reachable and authorized",
+        lambda: _lakefs_probe(lakefs),
+        hint="check PERAGO_LAKEFS__ENDPOINT and the access key/secret",
+    )
 
     for repository in settings.allowed_repositories:
         name = f"repository {repository} readable and writable"
@@ -124,8 +135,10 @@ def _scratch_probe(settings: Settings) -> str:
         raise RuntimeError(f"scratch root {root} is not writable: {exc.strerror or exc}") from None
     free_mb = free_bytes(root) // (1024 * 1024)
     if free_mb < settings.min_free_disk_mb:
-        raise RuntimeError(f"scratch root {root} has {free_mb} MiB free, below the floor of "
-                           f"{settings.min_free_disk_mb} MiB")
+        raise RuntimeError(
+            f"scratch root {root} has {free_mb} MiB free, below the floor of "
+            f"{settings.min_free_disk_mb} MiB"
+        )
     return f"{root}: {free_mb} MiB free"
 
 

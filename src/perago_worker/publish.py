@@ -70,7 +70,9 @@ def stage(
         with ThreadPoolExecutor(min(concurrency, len(uploads)), thread_name_prefix="stage") as pool:
             list(pool.map(put, uploads))
     if changes.deleted:
-        lakefs.delete_objects(repository, branch, [relative_to_key(r, prefix) for r in changes.deleted])
+        lakefs.delete_objects(
+            repository, branch, [relative_to_key(r, prefix) for r in changes.deleted]
+        )
     stats.files = len(uploads)
     stats.bytes = changes.upload_bytes
     stats.deleted = len(changes.deleted)

@@ -17,8 +17,15 @@ from perago_worker.app import TaskSpec, Worker
 from perago_worker.contract import WorkspaceRef
 
 MANAGED_FIELDS = (
-    "description", "retry_count", "retry_logic", "retry_delay_seconds",
-    "response_timeout_seconds", "timeout_seconds", "timeout_policy", "input_keys", "output_keys",
+    "description",
+    "retry_count",
+    "retry_logic",
+    "retry_delay_seconds",
+    "response_timeout_seconds",
+    "timeout_seconds",
+    "timeout_policy",
+    "input_keys",
+    "output_keys",
 )
 # What the worker itself relies on; retries and timeouts beyond these are the operator's call,
 # so `check` does not fail a definition whose retry policy someone tuned.
@@ -28,8 +35,12 @@ MARK = "[perago-worker]"  # ends the description of every definition this tool m
 
 
 def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": required,
-            "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }
 
 
 def input_schema(spec: TaskSpec) -> dict[str, Any]:
@@ -65,10 +76,12 @@ def task_def_for(spec: TaskSpec, *, owner_email: str = DEFAULT_OWNER, retries: i
         input_keys=keys,
         output_keys=out_keys,
         owner_email=owner_email,
-        input_schema=SchemaDef(name=f"{spec.name}-input", version=1, type="JSON",
-                               data=input_schema(spec)),
-        output_schema=SchemaDef(name=f"{spec.name}-output", version=1, type="JSON",
-                                data=output_schema(spec)),
+        input_schema=SchemaDef(
+            name=f"{spec.name}-input", version=1, type="JSON", data=input_schema(spec)
+        ),
+        output_schema=SchemaDef(
+            name=f"{spec.name}-output", version=1, type="JSON", data=output_schema(spec)
+        ),
         enforce_schema=False,
     )
 

@@ -102,8 +102,12 @@ class Runner:
             self._threads.append(thread)
         keeper = threading.Thread(target=self._lease_loop, name="lease-keeper", daemon=True)
         keeper.start()
-        self.log.info("worker.running", task_types=sorted(self.app.tasks),
-                      domain=self.settings.task_domain, environment=self.settings.environment)
+        self.log.info(
+            "worker.running",
+            task_types=sorted(self.app.tasks),
+            domain=self.settings.task_domain,
+            environment=self.settings.environment,
+        )
 
     def in_flight(self) -> int:
         with self._lock:
@@ -146,11 +150,14 @@ class Runner:
             leftover = list(self._inflight.values())
         for entry in leftover:
             entry.ctx.cancel("worker shut down before the attempt finished (drain grace over)")
-            self._report(entry, Outcome(
-                Status.FAILED,
-                reason="aborted: worker shut down before the attempt finished; retry it",
-                kind="aborted",
-            ))
+            self._report(
+                entry,
+                Outcome(
+                    Status.FAILED,
+                    reason="aborted: worker shut down before the attempt finished; retry it",
+                    kind="aborted",
+                ),
+            )
         self._stopped.set()
         self.lifecycle.set("stopped")
         self.log.info("worker.stopped", aborted=len(leftover))
@@ -171,17 +178,26 @@ class Runner:
             started = time.monotonic()
             try:
                 tasks = self.deps.conductor.batch_poll(
-                    spec.name, settings.worker_id, settings.task_domain, taken,
+                    spec.name,
+                    settings.worker_id,
+                    settings.task_domain,
+                    taken,
                     settings.poll_timeout_ms,
                 )
                 backoff = 0.0
                 self.lifecycle.heartbeat()
-                metrics.POLLS.labels(task_type=spec.name, result="tasks" if tasks else "empty").inc()
+                metrics.POLLS.labels(
+                    task_type=spec.name, result="tasks" if tasks else "empty"
+                ).inc()
             except Exception as exc:  # the loop never dies: a server outage is waited out
                 metrics.POLLS.labels(task_type=spec.name, result="error").inc()
                 backoff = min(30.0, max(0.5, backoff * 2))
-                self.log.warning("poll.failed", task_type=spec.name, error=str(exc)[:300],
-                                 retry_in=round(backoff, 1))
+                self.log.warning(
+                    "poll.failed",
+                    task_type=spec.name,
+                    error=str(exc)[:300],
+                    retry_in=round(backoff, 1),
+                )
             finally:
                 metrics.PHASE_SECONDS.labels(task_type=spec.name, phase="poll").observe(
                     time.monotonic() - started
@@ -197,8 +213,11 @@ class Runner:
     def _launch(self, spec: TaskSpec, task: Task) -> None:
         settings = self.settings
         log = plog.get_logger(
-            workflow_id=task.workflow_instance_id, task_id=task.task_id, task_type=spec.name,
-            attempt=int(task.poll_count or 0), retry_count=int(task.retry_count or 0),
+            workflow_id=task.workflow_instance_id,
+            task_id=task.task_id,
+            task_type=spec.name,
+            attempt=int(task.poll_count or 0),
+            retry_count=int(task.retry_count or 0),
             worker_id=settings.worker_id,
         )
         ctx = TaskContext(
@@ -251,8 +270,13 @@ class Runner:
         ctx.log.info("attempt.start", reference_name=ctx.reference_name)
         started = time.monotonic()
         try:
-            attempt = Attempt(spec, dict(entry.task.input_data or {}), ctx, self.deps,
-                              still_live=lambda: self.is_live(entry))
+            attempt = Attempt(
+                spec,
+                dict(entry.task.input_data or {}),
+                ctx,
+                self.deps,
+                still_live=lambda: self.is_live(entry),
+            )
             outcome = attempt.run()
             if outcome.report and not ctx.cancelled and not self.is_live(entry):
                 outcome.report = False
@@ -260,10 +284,16 @@ class Runner:
                 self._report(entry, outcome)
             else:
                 ctx.log.warning("attempt.zombie", reason=ctx.cancel_reason or outcome.reason)
-            metrics.TASKS.labels(task_type=spec.name, status=outcome.status.value,
-                                 kind=outcome.kind).inc()
-            ctx.log.info("attempt.done", status=outcome.status.value, kind=outcome.kind,
-                         seconds=round(time.monotonic() - started, 3), reason=outcome.reason or None)
+            metrics.TASKS.labels(
+                task_type=spec.name, status=outcome.status.value, kind=outcome.kind
+            ).inc()
+            ctx.log.info(
+                "attempt.done",
+                status=outcome.status.value,
+                kind=outcome.kind,
+                seconds=round(time.monotonic() - started, 3),
+                reason=outcome.reason or None,
+            )
         finally:
             with self._lock:
                 self._inflight.pop(entry.key, None)

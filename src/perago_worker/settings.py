@@ -138,7 +138,9 @@ class Settings(BaseSettings):
         if self.task_domain is None and self.environment.startswith("personal-"):
             self.task_domain = self.environment.removeprefix("personal-")
         if self.environment == "prod" and not self.allowed_repositories:
-            raise ValueError("allowed_repositories must be set in prod (the environment's target roots)")
+            raise ValueError(
+                "allowed_repositories must be set in prod (the environment's target roots)"
+            )
         return self
 
     def concurrency_for(self, task_type: str) -> int:

@@ -22,9 +22,12 @@ from types import FrameType
 from perago_worker.settings import Settings
 
 
-def supervise(app: str, settings: Settings, *, processes: int, skip_preflight: bool,
-              config: str | None) -> int:
-    multiproc = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="perago-metrics-")
+def supervise(
+    app: str, settings: Settings, *, processes: int, skip_preflight: bool, config: str | None
+) -> int:
+    multiproc = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
+        prefix="perago-metrics-"
+    )
     Path(multiproc).mkdir(parents=True, exist_ok=True)
     for stale in Path(multiproc).glob("*.db"):  # an earlier run's processes, not ours
         if not stale.stem.endswith(f"_{os.getpid()}"):
@@ -62,8 +65,11 @@ def supervise(app: str, settings: Settings, *, processes: int, skip_preflight: b
     lifecycle.preflight_ok = True
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PERAGO_WORKER_ID": f"{settings.worker_id}-p{index}",
-               "PROMETHEUS_MULTIPROC_DIR": multiproc}
+        env = {
+            **os.environ,
+            "PERAGO_WORKER_ID": f"{settings.worker_id}-p{index}",
+            "PROMETHEUS_MULTIPROC_DIR": multiproc,
+        }
         cmd = [sys.executable, "-m", "perago_worker.cli"]
         if config:
             cmd += ["--config", config]

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from perago_testing import keys_at, one_task_workflow, seed, suffix, workspace
 
+from perago_testing import keys_at, one_task_workflow, seed, suffix, workspace
 from perago_worker import fences
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.demo import register_app, wait_for_workflow
@@ -76,10 +76,18 @@ class Harness:
 
     def worker(self, name: str, *, faults: str = "", **env: str) -> WorkerProcess:
         proc = start_worker(
-            "fault_app:app", self.endpoints, self.workdir / name, name=name,
-            env={"PYTHONPATH": str(HERE), "PERAGO_TEST_SUFFIX": S,
-                 "PERAGO_SCRATCH_ROOT": str(self.scratch), "PERAGO_FAULT_POINTS": faults,
-                 "PERAGO_ALLOWED_REPOSITORIES": json.dumps([self.repo]), **env},
+            "fault_app:app",
+            self.endpoints,
+            self.workdir / name,
+            name=name,
+            env={
+                "PYTHONPATH": str(HERE),
+                "PERAGO_TEST_SUFFIX": S,
+                "PERAGO_SCRATCH_ROOT": str(self.scratch),
+                "PERAGO_FAULT_POINTS": faults,
+                "PERAGO_ALLOWED_REPOSITORIES": json.dumps([self.repo]),
+                **env,
+            },
         )
         self.workers.append(proc)
         return proc
@@ -121,7 +129,9 @@ class Harness:
         """The workflow's end, exactly one merge with provenance, the data, and a clean gc."""
         run = wait_for_workflow(self.conductor, case.workflow_id, timeout)
         assert run.status == status, [(t.status, t.reason_for_incompletion) for t in run.tasks]
-        key = fences.publish_key(case.workflow_id, "only", case.task_type, case.input_ref, case.params)
+        key = fences.publish_key(
+            case.workflow_id, "only", case.task_type, case.input_ref, case.params
+        )
         log = self.lakefs.log(self.repo, case.branch, amount=200)
         merges = [c for c in log if c.metadata.get(fences.META_KEY) == key]
         if status == "COMPLETED":
@@ -143,9 +153,17 @@ class Harness:
     def gc_clean(self) -> None:
         for proc in self.workers:
             proc.stop()
-        collect(self.scratch, self.lakefs, self.conductor, [self.repo],
-                older_than=0, intent_older_than=0)
-        assert [p for p in self.scratch.iterdir() if p.is_dir() and not p.name.startswith(".")] == []
+        collect(
+            self.scratch,
+            self.lakefs,
+            self.conductor,
+            [self.repo],
+            older_than=0,
+            intent_older_than=0,
+        )
+        assert [
+            p for p in self.scratch.iterdir() if p.is_dir() and not p.name.startswith(".")
+        ] == []
         assert list(self.lakefs.list_branches(self.repo, fences.STAGING_PREFIX)) == []
         assert list(self.lakefs.list_branches(self.repo, fences.INTENT_PREFIX)) == []
 
@@ -163,11 +181,24 @@ def fault_defs(conductor: Conductor) -> None:
 
 @pytest.fixture
 def harness(
-    endpoints: Endpoints, lakefs: LakeFS, conductor: Conductor, repo: str, fault_defs: None,
+    endpoints: Endpoints,
+    lakefs: LakeFS,
+    conductor: Conductor,
+    repo: str,
+    fault_defs: None,
     tmp_path: Path,
 ) -> Iterator[Harness]:
-    base = seed(lakefs, repo, {f"f/in/{i:03d}.txt": b"input" * 200 for i in range(20)}, tmp_path,
-                branch="main") if not keys_at(lakefs, repo, "main", "f/in/") else lakefs.branch_head(repo, "main")
+    base = (
+        seed(
+            lakefs,
+            repo,
+            {f"f/in/{i:03d}.txt": b"input" * 200 for i in range(20)},
+            tmp_path,
+            branch="main",
+        )
+        if not keys_at(lakefs, repo, "main", "f/in/")
+        else lakefs.branch_head(repo, "main")
+    )
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     h = Harness(endpoints, lakefs, conductor, repo, scratch, tmp_path, base, Sweeper(conductor))

@@ -29,7 +29,9 @@ class FaultResult(BaseModel):
 def work(ctx: TaskContext, params: FaultParams) -> FaultResult:
     root = ctx.workspace.root
     inputs = sum(1 for p in root.rglob("*") if p.is_file())
-    pause = params.sleep + (params.first_attempt_sleep if ctx.retry_count == 0 and ctx.poll_count == 1 else 0)
+    pause = params.sleep + (
+        params.first_attempt_sleep if ctx.retry_count == 0 and ctx.poll_count == 1 else 0
+    )
     deadline = time.monotonic() + pause
     while time.monotonic() < deadline:  # deliberately ignores cancellation: a zombie
         time.sleep(0.05)
@@ -41,4 +43,6 @@ def work(ctx: TaskContext, params: FaultParams) -> FaultResult:
 
 
 app.task(f"fault_ws_{S}", workspace=WorkspaceSpec(prefix="/f"), response_timeout_seconds=6)(work)
-app.task(f"fault_slow_{S}", workspace=WorkspaceSpec(prefix="/f"), response_timeout_seconds=120)(work)
+app.task(f"fault_slow_{S}", workspace=WorkspaceSpec(prefix="/f"), response_timeout_seconds=120)(
+    work
+)

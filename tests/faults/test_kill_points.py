@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import pytest
+
 from conftest import Harness
 
 pytestmark = pytest.mark.faults
 
 
 @pytest.mark.parametrize(
-    "point", ["poll.received", "materialize.object", "handler.start", "stage.committed", "merge.done"]
+    "point",
+    ["poll.received", "materialize.object", "handler.start", "stage.committed", "merge.done"],
 )
-def test_worker_killed_at_a_phase_boundary_leaves_exactly_one_merge(harness: Harness, point: str) -> None:
+def test_worker_killed_at_a_phase_boundary_leaves_exactly_one_merge(
+    harness: Harness, point: str
+) -> None:
     doomed = harness.worker("doomed", faults=point)
     case = harness.start("ws", files=3)
     assert doomed.proc.wait(60) == -9, doomed.tail()

@@ -7,15 +7,17 @@ import time
 
 import pytest
 from conductor.client.http.models.task_result import TaskResult
+
 from conftest import Harness
 from perago_testing import wait_until
-
 from perago_worker.devstack.servers import Stack
 
 pytestmark = pytest.mark.faults
 
 
-def test_zombie_that_outlives_its_timeout_never_merges_while_the_retry_does(harness: Harness) -> None:
+def test_zombie_that_outlives_its_timeout_never_merges_while_the_retry_does(
+    harness: Harness,
+) -> None:
     zombie_host = harness.worker("zombie", faults="lease.disabled", PERAGO_CONCURRENCY="1")
     case = harness.start("ws", first_attempt_sleep=14)
     first = harness.wait_task(case, lambda t: t.status == "IN_PROGRESS")
@@ -36,10 +38,18 @@ def test_two_workers_given_the_same_task_id_publish_once(harness: Harness) -> No
     case = harness.start("slow", first_attempt_sleep=6)
     task = harness.wait_task(case, lambda t: t.status == "IN_PROGRESS")
     # An IN_PROGRESS update without extendLease re-queues the same task id at once.
-    harness.conductor.update(TaskResult(workflow_instance_id=case.workflow_id, task_id=task.task_id,
-                                        status="IN_PROGRESS", callback_after_seconds=0))
+    harness.conductor.update(
+        TaskResult(
+            workflow_instance_id=case.workflow_id,
+            task_id=task.task_id,
+            status="IN_PROGRESS",
+            callback_after_seconds=0,
+        )
+    )
     second = harness.worker("second")
-    redelivered = harness.wait_task(case, lambda t: t.worker_id == second_worker_id(second), timeout=60)
+    redelivered = harness.wait_task(
+        case, lambda t: t.worker_id == second_worker_id(second), timeout=60
+    )
     assert redelivered.task_id == task.task_id
     # The first attempt's lease check sees another worker holding the task: it stands down.
     assert harness.wait_event(first_worker, "attempt.zombie")["task_id"] == task.task_id

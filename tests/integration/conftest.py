@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from perago_testing import InProcessWorker, make_settings
 
+from perago_testing import InProcessWorker, make_settings
 from perago_worker.app import Worker
 from perago_worker.attempt import Deps
 from perago_worker.conductor import Conductor
@@ -19,7 +19,9 @@ from perago_worker.runner import Lifecycle, Runner
 
 @pytest.fixture(scope="module")
 def start_worker(
-    endpoints: Endpoints, lakefs: LakeFS, conductor: Conductor,
+    endpoints: Endpoints,
+    lakefs: LakeFS,
+    conductor: Conductor,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., InProcessWorker]]:
     """Start an in-process worker serving `app` (task definitions registered, retries 0)."""
@@ -37,5 +39,3 @@ def start_worker(
     yield start
     for runner in started:
         runner.drain()
-
-

@@ -73,10 +73,14 @@ def build_app(s: str) -> Worker:
     app.task(f"ops_{s}", workspace=WorkspaceSpec())(apply_ops)
     app.task(f"ops_prefix_{s}", workspace=WorkspaceSpec(prefix="/audio/render"))(apply_ops)
     app.task(
-        f"checked_{s}", workspace=WorkspaceSpec(),
+        f"checked_{s}",
+        workspace=WorkspaceSpec(),
         pre=[require_dir("in")],
-        post=[require_file("out/result.txt"), require_glob("out/*.txt", min_count=1),
-              forbid_glob("**/*.tmp")],
+        post=[
+            require_file("out/result.txt"),
+            require_glob("out/*.txt", min_count=1),
+            forbid_glob("**/*.tmp"),
+        ],
     )(apply_ops)
 
     def free(ctx: TaskContext, params: FreeParams) -> FreeResult:

@@ -22,7 +22,9 @@ class Touched(BaseModel):
     files: int
 
 
-@app.task(f"opsws_{S}", workspace=WorkspaceSpec(prefix="/ops"), post=[require_glob("touched/*.txt")])
+@app.task(
+    f"opsws_{S}", workspace=WorkspaceSpec(prefix="/ops"), post=[require_glob("touched/*.txt")]
+)
 def touch(ctx: TaskContext, params: Touch) -> Touched:
     (ctx.workspace.root / "touched").mkdir(exist_ok=True)
     (ctx.workspace.root / "touched" / f"{params.name}.txt").write_text(params.name)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from perago_testing import one_task_workflow, seed, suffix, workspace
 
+from perago_testing import one_task_workflow, seed, suffix, workspace
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.demo import wait_for_workflow
 from perago_worker.devstack.servers import Endpoints, free_port
@@ -30,24 +30,35 @@ HANDLER_SECRET = f"handler-secret-{S}-do-not-print"
 def cli_env(endpoints: Endpoints, repo: str, tmp: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERAGO_")}
     env.update(endpoints.as_env())
-    env.update({
-        "PYTHONPATH": str(HERE), "PERAGO_TEST_SUFFIX": S,
-        "PERAGO_ALLOWED_REPOSITORIES": json.dumps([repo]),
-        "PERAGO_SCRATCH_ROOT": str(tmp / "scratch"),
-        "PERAGO_HANDLER_CONFIG": json.dumps({"REGION": "eu-west-9"}),
-        "PERAGO_HANDLER_SECRETS": json.dumps({"API_KEY": HANDLER_SECRET}),
-        **extra,
-    })
+    env.update(
+        {
+            "PYTHONPATH": str(HERE),
+            "PERAGO_TEST_SUFFIX": S,
+            "PERAGO_ALLOWED_REPOSITORIES": json.dumps([repo]),
+            "PERAGO_SCRATCH_ROOT": str(tmp / "scratch"),
+            "PERAGO_HANDLER_CONFIG": json.dumps({"REGION": "eu-west-9"}),
+            "PERAGO_HANDLER_SECRETS": json.dumps({"API_KEY": HANDLER_SECRET}),
+            **extra,
+        }
+    )
     return env
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "perago_worker.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "perago_worker.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
-def env(endpoints: Endpoints, repo: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def env(
+    endpoints: Endpoints, repo: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
     return cli_env(endpoints, repo, tmp_path_factory.mktemp("ops"))
 
 
@@ -58,8 +69,12 @@ def registered(env: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def worker(endpoints: Endpoints, env: dict[str, str], registered: None,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+def worker(
+    endpoints: Endpoints,
+    env: dict[str, str],
+    registered: None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[WorkerProcess]:
     extra = {k: v for k, v in env.items() if k.startswith("PERAGO_") or k == "PYTHONPATH"}
     extra.pop("PERAGO_SCRATCH_ROOT")
     proc = start_worker(APP, endpoints, tmp_path_factory.mktemp("ops-worker"), env=extra)
@@ -67,7 +82,9 @@ def worker(endpoints: Endpoints, env: dict[str, str], registered: None,
     proc.stop()
 
 
-def test_register_dry_run_shows_the_diff_and_changes_nothing(env: dict[str, str], conductor: Conductor) -> None:
+def test_register_dry_run_shows_the_diff_and_changes_nothing(
+    env: dict[str, str], conductor: Conductor
+) -> None:
     env = {**env, "PERAGO_TEST_SUFFIX": f"dry{S}"}
     result = cli(env, "register", APP, "--dry-run")
     assert result.returncode == 0, result.stderr
@@ -76,8 +93,9 @@ def test_register_dry_run_shows_the_diff_and_changes_nothing(env: dict[str, str]
     assert f"opsws_dry{S}" not in {d.name for d in conductor.get_task_defs()}
 
 
-def test_register_creates_definitions_with_json_schemas(registered: None, env: dict[str, str],
-                                                         conductor: Conductor) -> None:
+def test_register_creates_definitions_with_json_schemas(
+    registered: None, env: dict[str, str], conductor: Conductor
+) -> None:
     defs = {d.name: d for d in conductor.get_task_defs()}
     ws = defs[f"opsws_{S}"]
     assert ws.response_timeout_seconds == 300
@@ -91,8 +109,15 @@ def test_check_passes_against_the_local_stack(env: dict[str, str], registered: N
     result = cli(env, "check", APP)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    order = ["settings", "handlers import", "Conductor reachable", "lakeFS reachable",
-             "repository", "scratch root", "task definitions"]
+    order = [
+        "settings",
+        "handlers import",
+        "Conductor reachable",
+        "lakeFS reachable",
+        "repository",
+        "scratch root",
+        "task definitions",
+    ]
     positions = [next(i for i, line in enumerate(lines) if name in line) for name in order]
     assert positions == sorted(positions)
     assert all(line.startswith("ok") for line in lines)
@@ -101,16 +126,38 @@ def test_check_passes_against_the_local_stack(env: dict[str, str], registered: N
 @pytest.mark.parametrize(
     ("change", "failing", "says"),
     [
-        ({"PERAGO_LAKEFS__SECRET_ACCESS_KEY": "wrong-secret-value-123"}, "lakeFS reachable",
-         "rejected the credentials"),
-        ({"PERAGO_CONDUCTOR__URL": "http://127.0.0.1:{port}/api"}, "Conductor reachable", "PERAGO_CONDUCTOR__URL"),
-        ({"PERAGO_ALLOWED_REPOSITORIES": '["no-such-repo-{suffix}"]'}, "repository no-such-repo", "does not exist"),
+        (
+            {"PERAGO_LAKEFS__SECRET_ACCESS_KEY": "wrong-secret-value-123"},
+            "lakeFS reachable",
+            "rejected the credentials",
+        ),
+        (
+            {"PERAGO_CONDUCTOR__URL": "http://127.0.0.1:{port}/api"},
+            "Conductor reachable",
+            "PERAGO_CONDUCTOR__URL",
+        ),
+        (
+            {"PERAGO_ALLOWED_REPOSITORIES": '["no-such-repo-{suffix}"]'},
+            "repository no-such-repo",
+            "does not exist",
+        ),
         ({"PERAGO_SCRATCH_ROOT": "{file}/scratch"}, "scratch root", "not writable"),
     ],
-    ids=["wrong-lakefs-secret", "unreachable-conductor", "repository-not-accessible", "scratch-not-writable"],
+    ids=[
+        "wrong-lakefs-secret",
+        "unreachable-conductor",
+        "repository-not-accessible",
+        "scratch-not-writable",
+    ],
 )
-def test_check_fails_with_one_clear_line(env: dict[str, str], registered: None, tmp_path: Path,
-                                         change: dict[str, str], failing: str, says: str) -> None:
+def test_check_fails_with_one_clear_line(
+    env: dict[str, str],
+    registered: None,
+    tmp_path: Path,
+    change: dict[str, str],
+    failing: str,
+    says: str,
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     values = {k: v.format(port=free_port(), suffix=S, file=blocker) for k, v in change.items()}
@@ -129,7 +176,9 @@ def test_a_task_outside_the_allowed_repositories_fails_terminally(
 
     stranger = new_repository(lakefs, "stranger")
     ref = seed(lakefs, stranger, {"ops/x": b"x"}, tmp_path)
-    run = run_one(conductor, f"opsws_{S}", {"workspace": workspace(stranger, ref), "params": {"name": "x"}})
+    run = run_one(
+        conductor, f"opsws_{S}", {"workspace": workspace(stranger, ref), "params": {"name": "x"}}
+    )
     task = run.tasks[0]
     assert task.status == "FAILED_WITH_TERMINAL_ERROR"
     assert "forbidden_repository" in task.reason_for_incompletion
@@ -159,17 +208,24 @@ def run_one(conductor: Conductor, task_type: str, task_input: dict[str, Any]) ->
     return wait_for_workflow(conductor, conductor.start_workflow(name, task_input), 120)
 
 
-def test_handler_reads_environment_configuration_and_secrets(worker: WorkerProcess, conductor: Conductor) -> None:
+def test_handler_reads_environment_configuration_and_secrets(
+    worker: WorkerProcess, conductor: Conductor
+) -> None:
     for key, value in (("REGION", "eu-west-9"), ("API_KEY", HANDLER_SECRET)):
         run = run_one(conductor, f"opscfg_{S}", {"params": {"key": key}})
         assert run.status == "COMPLETED"
-        assert run.tasks[0].output_data["result"]["sha256"] == hashlib.sha256(value.encode()).hexdigest()
+        assert (
+            run.tasks[0].output_data["result"]["sha256"]
+            == hashlib.sha256(value.encode()).hexdigest()
+        )
     run = run_one(conductor, f"opscfg_{S}", {"params": {"key": "NOPE"}})
     reason = run.tasks[0].reason_for_incompletion
     assert "NOPE" in reason and "API_KEY" in reason and "REGION" in reason
 
 
-def test_secrets_never_appear_in_the_worker_log(worker: WorkerProcess, conductor: Conductor, env: dict[str, str]) -> None:
+def test_secrets_never_appear_in_the_worker_log(
+    worker: WorkerProcess, conductor: Conductor, env: dict[str, str]
+) -> None:
     run_one(conductor, f"opscfg_{S}", {"params": {"key": "API_KEY"}})
     log = worker.log_path.read_text()
     assert "handler.read_config" in log
@@ -197,12 +253,28 @@ def test_metrics_after_a_workflow_carry_phase_histograms_and_outcomes(
         done_before = metric(before, "perago_tasks_total", task_type=task_type, status="COMPLETED")
     except AssertionError:
         done_before = 0.0
-    run = run_one(conductor, task_type, {"workspace": workspace(repo, ref), "params": {"name": "m"}})
+    run = run_one(
+        conductor, task_type, {"workspace": workspace(repo, ref), "params": {"name": "m"}}
+    )
     assert run.status == "COMPLETED"
     text = worker.get("/metrics")[1]
-    assert metric(text, "perago_tasks_total", task_type=task_type, status="COMPLETED") == done_before + 1
-    for phase in ("validate", "materialize", "pre_check", "handler", "post_check", "stage", "fence", "merge"):
-        assert metric(text, "perago_phase_seconds_count", task_type=task_type, phase=phase) >= 1, phase
+    assert (
+        metric(text, "perago_tasks_total", task_type=task_type, status="COMPLETED")
+        == done_before + 1
+    )
+    for phase in (
+        "validate",
+        "materialize",
+        "pre_check",
+        "handler",
+        "post_check",
+        "stage",
+        "fence",
+        "merge",
+    ):
+        assert metric(text, "perago_phase_seconds_count", task_type=task_type, phase=phase) >= 1, (
+            phase
+        )
     assert metric(text, "perago_phase_seconds_count", task_type=task_type, phase="poll") > 0
     assert metric(text, "perago_files_total", task_type=task_type, direction="down") >= 2
     assert metric(text, "perago_files_total", task_type=task_type, direction="up") >= 1
@@ -214,8 +286,13 @@ def test_metrics_after_a_workflow_carry_phase_histograms_and_outcomes(
 
 
 def test_several_processes_share_one_port_and_their_metrics_add_up(
-    endpoints: Endpoints, env: dict[str, str], conductor: Conductor, lakefs: LakeFS, repo: str,
-    tmp_path: Path, worker: WorkerProcess,
+    endpoints: Endpoints,
+    env: dict[str, str],
+    conductor: Conductor,
+    lakefs: LakeFS,
+    repo: str,
+    tmp_path: Path,
+    worker: WorkerProcess,
 ) -> None:
     worker.stop()  # the single-process worker would compete for the tasks
     extra = {k: v for k, v in env.items() if k.startswith("PERAGO_") or k == "PYTHONPATH"}
@@ -226,16 +303,25 @@ def test_several_processes_share_one_port_and_their_metrics_add_up(
         ref = seed(lakefs, repo, {"ops/m.txt": b"m"}, tmp_path)
         task_type = f"opsws_{S}"
         name = one_task_workflow(conductor, task_type, ["params", "workspace"])
-        ids = [conductor.start_workflow(name, {"workspace": workspace(repo, ref, "main"),
-                                               "params": {"name": f"p{i}"}}) for i in range(4)]
+        ids = [
+            conductor.start_workflow(
+                name, {"workspace": workspace(repo, ref, "main"), "params": {"name": f"p{i}"}}
+            )
+            for i in range(4)
+        ]
         runs = [wait_for_workflow(conductor, i, 120) for i in ids]
         assert [r.status for r in runs] == ["COMPLETED"] * 4
         completed = 4
         text = multi.get("/metrics")[1]
-        total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                    if line.startswith("perago_tasks_total{") and f'task_type="{task_type}"' in line)
+        total = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("perago_tasks_total{") and f'task_type="{task_type}"' in line
+        )
         assert total == len(runs)
-        assert metric(text, "perago_tasks_total", task_type=task_type, status="COMPLETED") == completed
+        assert (
+            metric(text, "perago_tasks_total", task_type=task_type, status="COMPLETED") == completed
+        )
         assert metric(text, "perago_attempts_in_flight", task_type=task_type) == 0
         assert metric(text, "perago_worker_state", state="running") == 1
         status = json.loads(multi.get("/status")[1])

@@ -33,14 +33,30 @@ def test_conductor_runs_a_one_task_workflow_polled_by_the_sdk_client(conductor: 
     suffix = uuid.uuid4().hex[:6]
     task_type, workflow = f"smoke_task_{suffix}", f"smoke_wf_{suffix}"
     conductor.register_task_defs(
-        [TaskDef(name=task_type, retry_count=0, response_timeout_seconds=30, timeout_seconds=60,
-                 owner_email="smoke@example.com")]
+        [
+            TaskDef(
+                name=task_type,
+                retry_count=0,
+                response_timeout_seconds=30,
+                timeout_seconds=60,
+                owner_email="smoke@example.com",
+            )
+        ]
     )
     conductor.register_workflow(
         {
-            "name": workflow, "version": 1, "schemaVersion": 2, "ownerEmail": "smoke@example.com",
-            "tasks": [{"name": task_type, "taskReferenceName": "only", "type": "SIMPLE",
-                       "inputParameters": {"n": "${workflow.input.n}"}}],
+            "name": workflow,
+            "version": 1,
+            "schemaVersion": 2,
+            "ownerEmail": "smoke@example.com",
+            "tasks": [
+                {
+                    "name": task_type,
+                    "taskReferenceName": "only",
+                    "type": "SIMPLE",
+                    "inputParameters": {"n": "${workflow.input.n}"},
+                }
+            ],
             "outputParameters": {"answer": "${only.output.answer}"},
         }
     )
@@ -53,8 +69,14 @@ def test_conductor_runs_a_one_task_workflow_polled_by_the_sdk_client(conductor: 
     assert len(polled) == 1
     task = polled[0]
     assert task.input_data == {"n": 41}
-    conductor.update(TaskResult(workflow_instance_id=workflow_id, task_id=task.task_id,
-                                status="COMPLETED", output_data={"answer": task.input_data["n"] + 1}))
+    conductor.update(
+        TaskResult(
+            workflow_instance_id=workflow_id,
+            task_id=task.task_id,
+            status="COMPLETED",
+            output_data={"answer": task.input_data["n"] + 1},
+        )
+    )
 
     deadline = time.monotonic() + 30
     while True:

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from perago_testing import keys_at, suffix, workspace
 
+from perago_testing import keys_at, suffix, workspace
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.demo import register_app, wait_for_workflow
 from perago_worker.devstack.servers import Endpoints
@@ -22,17 +22,30 @@ HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def worker(endpoints: Endpoints, conductor: Conductor, tmp_path_factory: pytest.TempPathFactory,
-           repo: str, monkeypatch_module: Any) -> Iterator[WorkerProcess]:
+def worker(
+    endpoints: Endpoints,
+    conductor: Conductor,
+    tmp_path_factory: pytest.TempPathFactory,
+    repo: str,
+    monkeypatch_module: Any,
+) -> Iterator[WorkerProcess]:
     monkeypatch_module.setenv("PERAGO_TEST_SUFFIX", S)
     import importlib
 
     import volume_app
+
     importlib.reload(volume_app)
     register_app(conductor, volume_app.app, retries=0)
-    proc = start_worker("volume_app:app", endpoints, tmp_path_factory.mktemp("volume-worker"),
-                        env={"PYTHONPATH": str(HERE), "PERAGO_TEST_SUFFIX": S,
-                             "PERAGO_ALLOWED_REPOSITORIES": f'["{repo}"]'})
+    proc = start_worker(
+        "volume_app:app",
+        endpoints,
+        tmp_path_factory.mktemp("volume-worker"),
+        env={
+            "PYTHONPATH": str(HERE),
+            "PERAGO_TEST_SUFFIX": S,
+            "PERAGO_ALLOWED_REPOSITORIES": f'["{repo}"]',
+        },
+    )
     yield proc
     proc.stop()
 
@@ -43,7 +56,9 @@ def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
         yield mp
 
 
-def run_one(conductor: Conductor, task_type: str, task_input: dict[str, Any], timeout: float = 300) -> Any:
+def run_one(
+    conductor: Conductor, task_type: str, task_input: dict[str, Any], timeout: float = 300
+) -> Any:
     from perago_testing import one_task_workflow
 
     name = one_task_workflow(conductor, task_type, sorted(task_input))
@@ -72,12 +87,18 @@ def test_a_300_mib_object_streams_through_with_flat_memory(
     ref = lakefs.commit(repo, branch, "big object", {}).id
     big.unlink()
 
-    run = run_one(conductor, f"vol_stream_{S}", {"workspace": workspace(repo, ref, branch), "params": {}})
+    run = run_one(
+        conductor, f"vol_stream_{S}", {"workspace": workspace(repo, ref, branch), "params": {}}
+    )
 
     assert run.status == "COMPLETED", run.tasks[0].reason_for_incompletion
     out = run.tasks[0].output_data
     assert out["result"]["bytes"] == 300 << 20
-    objs = {o.key: o for page in lakefs.list_objects(repo, out["workspace"]["ref"], "big/") for o in page}
+    objs = {
+        o.key: o
+        for page in lakefs.list_objects(repo, out["workspace"]["ref"], "big/")
+        for o in page
+    }
     assert objs["big/copy.bin"].size == 300 << 20
     assert objs["big/copy.bin"].checksum == objs["big/input.bin"].checksum
     assert peak_rss_mib(worker.proc.pid) < 200
@@ -98,7 +119,9 @@ def test_five_thousand_small_files_materialize_and_publish(
         list(pool.map(put, range(5000)))
     ref = lakefs.commit(repo, branch, "5000 files", {}).id
 
-    run = run_one(conductor, f"vol_count_{S}", {"workspace": workspace(repo, ref, branch), "params": {}})
+    run = run_one(
+        conductor, f"vol_count_{S}", {"workspace": workspace(repo, ref, branch), "params": {}}
+    )
 
     assert run.status == "COMPLETED", run.tasks[0].reason_for_incompletion
     out = run.tasks[0].output_data

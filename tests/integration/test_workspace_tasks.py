@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from handlers import build_app
+
 from perago_testing import (
     InProcessWorker,
     keys_at,
@@ -17,14 +18,11 @@ from perago_testing import (
     task_of,
     workspace,
 )
-
 from perago_worker.conductor import Conductor
-from perago_worker.devstack.demo import register_app, wait_for_workflow
+from perago_worker.devstack.demo import wait_for_workflow
 from perago_worker.devstack.demo_app import WORKFLOW
 from perago_worker.devstack.demo_app import app as demo_app
 from perago_worker.lakefs import LakeFS
-
-
 
 S = suffix()
 
@@ -87,8 +85,12 @@ def test_demo_workflow_chains_three_tasks_through_output_workspace(
     ref = seed(lakefs, "demo-chain", {"README": b"x"}, tmp_path)
     start_worker(demo_app)
     conductor.register_workflow(WORKFLOW)
-    run = wait_for_workflow(conductor, conductor.start_workflow(
-        WORKFLOW["name"], {"workspace": workspace("demo-chain", ref), "rows": 50}))
+    run = wait_for_workflow(
+        conductor,
+        conductor.start_workflow(
+            WORKFLOW["name"], {"workspace": workspace("demo-chain", ref), "rows": 50}
+        ),
+    )
 
     assert run.status == "COMPLETED"
     out = run.output
@@ -100,7 +102,9 @@ def test_demo_workflow_chains_three_tasks_through_output_workspace(
     commit = lakefs.get_commit("demo-chain", final)
     assert commit.metadata["perago.task_type"] == "demo_transform"
     assert commit.metadata["perago.workflow_id"] == run.workflow_id
-    assert {"data/raw/events.jsonl", "data/curated/by_kind.json"} <= keys_at(lakefs, "demo-chain", final)
+    assert {"data/raw/events.jsonl", "data/curated/by_kind.json"} <= keys_at(
+        lakefs, "demo-chain", final
+    )
     ingest, transform = (t for t in run.tasks if t.reference_task_name in ("ingest", "transform"))
     assert transform.input_data["workspace"] == ingest.output_data["workspace"]
 
@@ -109,8 +113,13 @@ def test_new_file_is_merged_and_output_is_next_input_shape(
     worker: InProcessWorker, lakefs: LakeFS, repo: str, base: str, tmp_path: Path
 ) -> None:
     branch = new_branch(lakefs, repo, base)
-    run = worker.run(f"ops_{S}", {"workspace": workspace(repo, base, branch),
-                                 "params": ops({"op": "write", "path": "out/new.txt", "content": "fresh"})})
+    run = worker.run(
+        f"ops_{S}",
+        {
+            "workspace": workspace(repo, base, branch),
+            "params": ops({"op": "write", "path": "out/new.txt", "content": "fresh"}),
+        },
+    )
     assert run.status == "COMPLETED", task_of(run).reason_for_incompletion
     output = task_of(run).output_data
     assert set(output) == {"workspace", "result"}
@@ -120,8 +129,16 @@ def test_new_file_is_merged_and_output_is_next_input_shape(
     assert read(lakefs, repo, new_ref, "out/new.txt", tmp_path) == b"fresh"
     assert "out/new.txt" in output["result"]["files"]
     meta = lakefs.get_commit(repo, new_ref).metadata
-    for key in ("workflow_id", "task_id", "task_type", "reference_name", "retry_count",
-                "worker_id", "input_ref", "version"):
+    for key in (
+        "workflow_id",
+        "task_id",
+        "task_type",
+        "reference_name",
+        "retry_count",
+        "worker_id",
+        "input_ref",
+        "version",
+    ):
         assert meta[f"perago.{key}"], key
     assert meta["perago.input_ref"] == base
     assert meta["perago.task_id"] == task_of(run).task_id
@@ -131,8 +148,13 @@ def test_prefix_maps_keys_to_the_workspace_root_and_back(
     worker: InProcessWorker, lakefs: LakeFS, repo: str, base: str, tmp_path: Path
 ) -> None:
     branch = new_branch(lakefs, repo, base)
-    run = worker.run(f"ops_prefix_{S}", {"workspace": workspace(repo, base, branch),
-                                        "params": ops({"op": "write", "path": "mix.wav", "content": "mixed"})})
+    run = worker.run(
+        f"ops_prefix_{S}",
+        {
+            "workspace": workspace(repo, base, branch),
+            "params": ops({"op": "write", "path": "mix.wav", "content": "mixed"}),
+        },
+    )
     assert run.status == "COMPLETED", task_of(run).reason_for_incompletion
     result = task_of(run).output_data["result"]
     assert result["files"] == ["mix.wav", "stems/bass.wav", "stems/drums.wav"]
@@ -146,10 +168,16 @@ def test_deletions_and_modifications_propagate(
     worker: InProcessWorker, lakefs: LakeFS, repo: str, base: str, tmp_path: Path
 ) -> None:
     branch = new_branch(lakefs, repo, base)
-    run = worker.run(f"ops_{S}", {"workspace": workspace(repo, base, branch), "params": ops(
-        {"op": "delete", "path": "docs/readme.md"},
-        {"op": "append", "path": "in/data.txt", "content": "world\n"},
-    )})
+    run = worker.run(
+        f"ops_{S}",
+        {
+            "workspace": workspace(repo, base, branch),
+            "params": ops(
+                {"op": "delete", "path": "docs/readme.md"},
+                {"op": "append", "path": "in/data.txt", "content": "world\n"},
+            ),
+        },
+    )
     assert run.status == "COMPLETED", task_of(run).reason_for_incompletion
     new_ref = task_of(run).output_data["workspace"]["ref"]
     keys = keys_at(lakefs, repo, new_ref)
@@ -184,8 +212,13 @@ def test_checks_pass_when_the_workspace_satisfies_them(
     worker: InProcessWorker, lakefs: LakeFS, repo: str, base: str
 ) -> None:
     branch = new_branch(lakefs, repo, base)
-    run = worker.run(f"checked_{S}", {"workspace": workspace(repo, base, branch), "params": ops(
-        {"op": "write", "path": "out/result.txt", "content": "ok"})})
+    run = worker.run(
+        f"checked_{S}",
+        {
+            "workspace": workspace(repo, base, branch),
+            "params": ops({"op": "write", "path": "out/result.txt", "content": "ok"}),
+        },
+    )
     assert run.status == "COMPLETED", task_of(run).reason_for_incompletion
 
 
@@ -214,7 +247,9 @@ def test_unknown_top_level_key_is_rejected(worker: InProcessWorker, repo: str, b
     assert_failed(run, "FAILED_WITH_TERMINAL_ERROR", "invalid_input", "prefix")
 
 
-def test_branch_name_as_ref_is_rejected_as_mutable(worker: InProcessWorker, repo: str, base: str) -> None:
+def test_branch_name_as_ref_is_rejected_as_mutable(
+    worker: InProcessWorker, repo: str, base: str
+) -> None:
     run = worker.run(f"ops_{S}", {"workspace": workspace(repo, "main"), "params": {}})
     assert_failed(run, "FAILED_WITH_TERMINAL_ERROR", "workspace.ref", "'main'", "immutable")
 
@@ -224,18 +259,26 @@ def test_unknown_commit_is_terminal(worker: InProcessWorker, repo: str) -> None:
     assert_failed(run, "FAILED_WITH_TERMINAL_ERROR", "unknown_ref", "0" * 12)
 
 
-def test_unknown_repository_is_terminal(worker: InProcessWorker, other_repo: str, base: str) -> None:
+def test_unknown_repository_is_terminal(
+    worker: InProcessWorker, other_repo: str, base: str
+) -> None:
     run = worker.run(f"ops_{S}", {"workspace": workspace(other_repo, base), "params": {}})
     assert_failed(run, "FAILED_WITH_TERMINAL_ERROR", "unknown_ref")
 
 
-def test_repository_outside_the_target_roots_is_terminal(worker: InProcessWorker, base: str) -> None:
+def test_repository_outside_the_target_roots_is_terminal(
+    worker: InProcessWorker, base: str
+) -> None:
     run = worker.run(f"ops_{S}", {"workspace": workspace("not-allowed-repo", base), "params": {}})
     assert_failed(run, "FAILED_WITH_TERMINAL_ERROR", "forbidden_repository", "not-allowed-repo")
 
 
-def test_bad_params_are_terminal_and_name_the_field(worker: InProcessWorker, repo: str, base: str) -> None:
-    run = worker.run(f"ops_{S}", {"workspace": workspace(repo, base), "params": {"ops": [{"op": "fly"}]}})
+def test_bad_params_are_terminal_and_name_the_field(
+    worker: InProcessWorker, repo: str, base: str
+) -> None:
+    run = worker.run(
+        f"ops_{S}", {"workspace": workspace(repo, base), "params": {"ops": [{"op": "fly"}]}}
+    )
     assert_failed(run, "FAILED_WITH_TERMINAL_ERROR", "bad_params", "params.ops.0.op")
 
 
@@ -254,7 +297,9 @@ def test_missing_workspace_for_a_workspace_task_is_rejected(worker: InProcessWor
 # -- checks, handler failures, results ------------------------------------------------------
 
 
-def test_pre_check_failure_is_terminal(worker: InProcessWorker, lakefs: LakeFS, repo: str, tmp_path: Path) -> None:
+def test_pre_check_failure_is_terminal(
+    worker: InProcessWorker, lakefs: LakeFS, repo: str, tmp_path: Path
+) -> None:
     branch = new_branch(lakefs, repo, "main")
     lakefs.delete_objects(repo, branch, sorted(keys_at(lakefs, repo, branch, "in/")))
     ref = seed(lakefs, repo, {"elsewhere/x.txt": b"x"}, tmp_path, branch)  # no in/ folder
@@ -267,49 +312,94 @@ def test_pre_check_failure_is_terminal(worker: InProcessWorker, lakefs: LakeFS, 
     ("writes", "fragment"),
     [
         ([], "require_file('out/result.txt')"),
-        ([{"op": "write", "path": "out/result.txt", "content": "ok"},
-          {"op": "write", "path": "out/left.tmp", "content": "junk"}], "forbid_glob('**/*.tmp')"),
+        (
+            [
+                {"op": "write", "path": "out/result.txt", "content": "ok"},
+                {"op": "write", "path": "out/left.tmp", "content": "junk"},
+            ],
+            "forbid_glob('**/*.tmp')",
+        ),
         ([{"op": "write", "path": "out/result.bin", "content": "ok"}], "require_glob('out/*.txt')"),
     ],
     ids=["require_file", "forbid_glob", "require_glob"],
 )
 def test_post_check_failure_is_retryable_and_publishes_nothing(
-    worker: InProcessWorker, lakefs: LakeFS, repo: str, base: str,
-    writes: list[dict[str, str]], fragment: str,
+    worker: InProcessWorker,
+    lakefs: LakeFS,
+    repo: str,
+    base: str,
+    writes: list[dict[str, str]],
+    fragment: str,
 ) -> None:
     branch = new_branch(lakefs, repo, base)
-    run = worker.run(f"checked_{S}", {"workspace": workspace(repo, base, branch), "params": ops(*writes)})
+    run = worker.run(
+        f"checked_{S}", {"workspace": workspace(repo, base, branch), "params": ops(*writes)}
+    )
     assert_failed(run, "FAILED", "post_check", fragment)
     assert head(lakefs, repo, branch) == base
 
 
-def test_handler_exception_is_retryable(worker: InProcessWorker, lakefs: LakeFS, repo: str, base: str) -> None:
+def test_handler_exception_is_retryable(
+    worker: InProcessWorker, lakefs: LakeFS, repo: str, base: str
+) -> None:
     branch = new_branch(lakefs, repo, base)
-    run = worker.run(f"ops_{S}", {"workspace": workspace(repo, base, branch), "params": ops(
-        {"op": "write", "path": "half.txt", "content": "half"}, {"op": "raise", "content": "disk on fire"})})
+    run = worker.run(
+        f"ops_{S}",
+        {
+            "workspace": workspace(repo, base, branch),
+            "params": ops(
+                {"op": "write", "path": "half.txt", "content": "half"},
+                {"op": "raise", "content": "disk on fire"},
+            ),
+        },
+    )
     assert_failed(run, "FAILED", "handler_error", "ValueError", "disk on fire")
     assert head(lakefs, repo, branch) == base
     assert "half.txt" not in keys_at(lakefs, repo, branch)
 
 
-def test_terminal_error_from_handler_is_terminal(worker: InProcessWorker, repo: str, base: str) -> None:
-    run = worker.run(f"ops_{S}", {"workspace": workspace(repo, base), "params": ops(
-        {"op": "terminal", "content": "row 7 is malformed"})})
+def test_terminal_error_from_handler_is_terminal(
+    worker: InProcessWorker, repo: str, base: str
+) -> None:
+    run = worker.run(
+        f"ops_{S}",
+        {
+            "workspace": workspace(repo, base),
+            "params": ops({"op": "terminal", "content": "row 7 is malformed"}),
+        },
+    )
     assert_failed(run, "FAILED_WITH_TERMINAL_ERROR", "handler_terminal", "row 7 is malformed")
 
 
 def test_workspace_free_handler_failures_map_like_workspace_ones(worker: InProcessWorker) -> None:
-    assert_failed(worker.run(f"free_{S}", {"params": {"message": "x", "fail": "raise"}}),
-                  "FAILED", "handler_error", "RuntimeError")
-    assert_failed(worker.run(f"free_{S}", {"params": {"message": "x", "fail": "terminal"}}),
-                  "FAILED_WITH_TERMINAL_ERROR", "handler_terminal", "free task refuses")
+    assert_failed(
+        worker.run(f"free_{S}", {"params": {"message": "x", "fail": "raise"}}),
+        "FAILED",
+        "handler_error",
+        "RuntimeError",
+    )
+    assert_failed(
+        worker.run(f"free_{S}", {"params": {"message": "x", "fail": "terminal"}}),
+        "FAILED_WITH_TERMINAL_ERROR",
+        "handler_terminal",
+        "free task refuses",
+    )
 
 
-def test_result_failing_its_model_is_terminal(worker: InProcessWorker, lakefs: LakeFS, repo: str, base: str) -> None:
+def test_result_failing_its_model_is_terminal(
+    worker: InProcessWorker, lakefs: LakeFS, repo: str, base: str
+) -> None:
     branch = new_branch(lakefs, repo, base)
-    run = worker.run(f"ops_{S}", {"workspace": workspace(repo, base, branch),
-                                 "params": {"ops": [{"op": "write", "path": "r.txt", "content": "r"}],
-                                            "bad_result": True}})
+    run = worker.run(
+        f"ops_{S}",
+        {
+            "workspace": workspace(repo, base, branch),
+            "params": {
+                "ops": [{"op": "write", "path": "r.txt", "content": "r"}],
+                "bad_result": True,
+            },
+        },
+    )
     assert_failed(run, "FAILED_WITH_TERMINAL_ERROR", "invalid_result", "result.files")
     assert head(lakefs, repo, branch) == base
 
@@ -318,12 +408,22 @@ def test_merge_conflict_between_two_workflows_is_terminal_and_names_the_path(
     worker: InProcessWorker, lakefs: LakeFS, repo: str, base: str, tmp_path: Path
 ) -> None:
     branch = new_branch(lakefs, repo, base)
-    first = worker.run(f"ops_{S}", {"workspace": workspace(repo, base, branch), "params": ops(
-        {"op": "write", "path": "docs/readme.md", "content": "first"})})
+    first = worker.run(
+        f"ops_{S}",
+        {
+            "workspace": workspace(repo, base, branch),
+            "params": ops({"op": "write", "path": "docs/readme.md", "content": "first"}),
+        },
+    )
     assert first.status == "COMPLETED"
     winner = head(lakefs, repo, branch)
-    second = worker.run(f"ops_{S}", {"workspace": workspace(repo, base, branch), "params": ops(
-        {"op": "write", "path": "docs/readme.md", "content": "second"})})
+    second = worker.run(
+        f"ops_{S}",
+        {
+            "workspace": workspace(repo, base, branch),
+            "params": ops({"op": "write", "path": "docs/readme.md", "content": "second"}),
+        },
+    )
     assert_failed(second, "FAILED_WITH_TERMINAL_ERROR", "merge_conflict", "docs/readme.md")
     assert head(lakefs, repo, branch) == winner
     assert read(lakefs, repo, winner, "docs/readme.md", tmp_path) == b"first"
@@ -335,9 +435,16 @@ def test_symlink_to_a_host_file_is_refused_and_its_content_goes_nowhere(
     secret = tmp_path / "host-secret.txt"
     secret.write_text("TOP-SECRET-HOST-CONTENT")
     branch = new_branch(lakefs, repo, base)
-    run = worker.run(f"ops_{S}", {"workspace": workspace(repo, base, branch), "params": ops(
-        {"op": "write", "path": "fine.txt", "content": "fine"},
-        {"op": "symlink", "path": "leak.txt", "target": str(secret)})})
+    run = worker.run(
+        f"ops_{S}",
+        {
+            "workspace": workspace(repo, base, branch),
+            "params": ops(
+                {"op": "write", "path": "fine.txt", "content": "fine"},
+                {"op": "symlink", "path": "leak.txt", "target": str(secret)},
+            ),
+        },
+    )
     assert_failed(run, "FAILED_WITH_TERMINAL_ERROR", "unpublishable", "leak.txt", "symbolic link")
     assert head(lakefs, repo, branch) == base
     assert not list(lakefs.list_branches(repo, "perago-stage-"))
@@ -351,8 +458,13 @@ def test_hard_link_to_a_host_file_is_refused(
     branch = new_branch(lakefs, repo, base)
     host = Path(worker.settings.scratch_root) / "host-file.txt"  # same file system as attempts
     host.write_text("host bytes")
-    run = worker.run(f"ops_{S}", {"workspace": workspace(repo, base, branch), "params": ops(
-        {"op": "hardlink", "path": "linked.txt", "target": str(host)})})
+    run = worker.run(
+        f"ops_{S}",
+        {
+            "workspace": workspace(repo, base, branch),
+            "params": ops({"op": "hardlink", "path": "linked.txt", "target": str(host)}),
+        },
+    )
     assert_failed(run, "FAILED_WITH_TERMINAL_ERROR", "unpublishable", "linked.txt", "hard link")
     assert head(lakefs, repo, branch) == base
 
@@ -367,7 +479,12 @@ def test_hard_link_to_a_host_file_is_refused(
     ids=["file-and-folder", "dotdot", "empty-segment"],
 )
 def test_keys_that_cannot_be_mapped_safely_are_terminal_and_named(
-    worker: InProcessWorker, lakefs: LakeFS, repo: str, tmp_path: Path, keys: list[str], fragment: str
+    worker: InProcessWorker,
+    lakefs: LakeFS,
+    repo: str,
+    tmp_path: Path,
+    keys: list[str],
+    fragment: str,
 ) -> None:
     branch = new_branch(lakefs, repo, "main")
     ref = seed(lakefs, repo, {k: b"x" for k in keys}, tmp_path, branch)
@@ -382,8 +499,13 @@ def test_attempt_folders_and_staging_branches_are_removed_after_success(
     worker: InProcessWorker, lakefs: LakeFS, repo: str, base: str
 ) -> None:
     branch = new_branch(lakefs, repo, base)
-    run = worker.run(f"ops_{S}", {"workspace": workspace(repo, base, branch), "params": ops(
-        {"op": "write", "path": "clean.txt", "content": "c"})})
+    run = worker.run(
+        f"ops_{S}",
+        {
+            "workspace": workspace(repo, base, branch),
+            "params": ops({"op": "write", "path": "clean.txt", "content": "c"}),
+        },
+    )
     assert run.status == "COMPLETED"
     scratch = Path(worker.settings.scratch_root)
     assert [p for p in scratch.iterdir() if p.is_dir() and not p.name.startswith(".")] == []

@@ -23,8 +23,12 @@ class Sized(BaseModel):
     bytes: int
 
 
-@app.task(f"vol_stream_{S}", workspace=WorkspaceSpec(prefix="/big"),
-          pre=[require_file("input.bin")], post=[require_file("copy.bin")])
+@app.task(
+    f"vol_stream_{S}",
+    workspace=WorkspaceSpec(prefix="/big"),
+    pre=[require_file("input.bin")],
+    post=[require_file("copy.bin")],
+)
 def stream_copy(ctx: TaskContext, params: NoParams) -> Sized:
     """Copy a large object in 1 MiB blocks: memory must stay flat through the whole task."""
     root = ctx.workspace.root

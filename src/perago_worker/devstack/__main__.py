@@ -17,9 +17,11 @@ from perago_worker.devstack import tools
 
 
 def prepare() -> int:
-    for label, fn in (("lakeFS + lakectl " + tools.LAKEFS_VERSION, tools.lakefs_binaries),
-                      ("Conductor " + tools.CONDUCTOR_VERSION, tools.conductor_jar),
-                      ("Java >= 21", tools.java_runtime)):
+    for label, fn in (
+        ("lakeFS + lakectl " + tools.LAKEFS_VERSION, tools.lakefs_binaries),
+        ("Conductor " + tools.CONDUCTOR_VERSION, tools.conductor_jar),
+        ("Java >= 21", tools.java_runtime),
+    ):
         started = time.monotonic()
         result = fn()
         print(f"[devstack] {label}: {time.monotonic() - started:.1f}s ({result})", flush=True)
@@ -34,7 +36,9 @@ def up(workdir: Path) -> int:
         for key, value in stack.endpoints.as_env().items():
             print(f"export {key}={value}")
         e = stack.endpoints
-        print(f"export PERAGO_TEST_LAKEFS_URL={e.lakefs_url} PERAGO_TEST_CONDUCTOR_URL={e.conductor_url}")
+        print(
+            f"export PERAGO_TEST_LAKEFS_URL={e.lakefs_url} PERAGO_TEST_CONDUCTOR_URL={e.conductor_url}"
+        )
         print(f"export PERAGO_TEST_LAKEFS_ACCESS_KEY_ID={e.lakefs_access_key_id}")
         print(f"export PERAGO_TEST_LAKEFS_SECRET_ACCESS_KEY={e.lakefs_secret_access_key}")
         print("# Ctrl-C stops both servers", flush=True)

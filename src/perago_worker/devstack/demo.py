@@ -59,12 +59,21 @@ def run_demo(workdir: Path, *, rows: int = 1000) -> int:
         print(f"[demo] repository {repository}: main at {seed}")
         register_app(conductor, app)
         conductor.register_workflow(WORKFLOW)
-        print(f"[demo] registered {len(app.tasks)} task definitions and workflow {WORKFLOW['name']}")
+        print(
+            f"[demo] registered {len(app.tasks)} task definitions and workflow {WORKFLOW['name']}"
+        )
         worker = start_worker(DEMO_APP, e, workdir, name="demo-worker")
         print(f"[demo] worker ready (health on {worker.url}, log {worker.log_path})")
         try:
-            workspace = {"repository": repository, "branch": "main", "ref_type": "commit", "ref": seed}
-            workflow_id = conductor.start_workflow(WORKFLOW["name"], {"workspace": workspace, "rows": rows})
+            workspace = {
+                "repository": repository,
+                "branch": "main",
+                "ref_type": "commit",
+                "ref": seed,
+            }
+            workflow_id = conductor.start_workflow(
+                str(WORKFLOW["name"]), {"workspace": workspace, "rows": rows}
+            )
             print(f"[demo] started workflow {workflow_id}")
             run = wait_for_workflow(conductor, workflow_id)
         finally:
@@ -73,22 +82,29 @@ def run_demo(workdir: Path, *, rows: int = 1000) -> int:
         print(f"[demo] workflow status: {run.status}")
         if run.status != "COMPLETED":
             for task in run.tasks:
-                print(f"  {task.reference_task_name}: {task.status} {task.reason_for_incompletion or ''}")
+                print(
+                    f"  {task.reference_task_name}: {task.status} {task.reason_for_incompletion or ''}"
+                )
             print(worker.tail())
             return 1
         print("[demo] final output:")
         print(json.dumps(run.output, indent=2, sort_keys=True))
         print(f"[demo] log of {repository}/main with the provenance of each merge:")
         for commit in lakefs.log(repository, "main", amount=10):
-            provenance = {k.removeprefix("perago."): v for k, v in commit.metadata.items()
-                          if k.startswith("perago.") and k not in ("perago.publish_key",)}
+            provenance = {
+                k.removeprefix("perago."): v
+                for k, v in commit.metadata.items()
+                if k.startswith("perago.") and k not in ("perago.publish_key",)
+            }
             print(f"  {commit.id[:12]}  {commit.message}")
             for key in sorted(provenance):
                 print(f"      {key}: {provenance[key]}")
         final = run.output["workspace"]["ref"]
         meta = lakefs.get_commit(repository, final).metadata
         assert meta.get("perago.task_type") == "demo_transform", meta
-        print(f"[demo] final ref {final} carries provenance "
-              f"(task {meta['perago.task_id']}, worker {meta['perago.worker_id']})")
+        print(
+            f"[demo] final ref {final} carries provenance "
+            f"(task {meta['perago.task_id']}, worker {meta['perago.worker_id']})"
+        )
         print(f"[demo] done in {time.monotonic() - started:.1f}s")
     return 0

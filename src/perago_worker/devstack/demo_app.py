@@ -28,8 +28,11 @@ class IngestResult(BaseModel):
     path: str
 
 
-@app.task("demo_ingest", workspace=WorkspaceSpec(prefix="/data"),
-          post=[require_file("raw/events.jsonl"), forbid_glob("**/*.tmp")])
+@app.task(
+    "demo_ingest",
+    workspace=WorkspaceSpec(prefix="/data"),
+    post=[require_file("raw/events.jsonl"), forbid_glob("**/*.tmp")],
+)
 def ingest(ctx: TaskContext, params: IngestParams) -> IngestResult:
     """Write a batch of synthetic events to raw/events.jsonl."""
     rng = random.Random(params.seed)
@@ -49,9 +52,12 @@ class TransformResult(BaseModel):
     counts: dict[str, int]
 
 
-@app.task("demo_transform", workspace=WorkspaceSpec(prefix="/data"),
-          pre=[require_dir("raw"), require_file("raw/events.jsonl")],
-          post=[require_file("curated/by_kind.json"), forbid_glob("**/*.tmp")])
+@app.task(
+    "demo_transform",
+    workspace=WorkspaceSpec(prefix="/data"),
+    pre=[require_dir("raw"), require_file("raw/events.jsonl")],
+    post=[require_file("curated/by_kind.json"), forbid_glob("**/*.tmp")],
+)
 def transform(ctx: TaskContext, params: TransformParams) -> TransformResult:
     """Count events by kind into curated/by_kind.json."""
     root = ctx.workspace.root
@@ -85,13 +91,27 @@ WORKFLOW = {
     "ownerEmail": "perago-worker@localhost",
     "description": "ingest -> transform -> summarize, chained through output.workspace",
     "tasks": [
-        {"name": "demo_ingest", "taskReferenceName": "ingest", "type": "SIMPLE",
-         "inputParameters": {"workspace": "${workflow.input.workspace}",
-                             "params": {"rows": "${workflow.input.rows}"}}},
-        {"name": "demo_transform", "taskReferenceName": "transform", "type": "SIMPLE",
-         "inputParameters": {"workspace": "${ingest.output.workspace}", "params": {}}},
-        {"name": "demo_summarize", "taskReferenceName": "summarize", "type": "SIMPLE",
-         "inputParameters": {"params": {"counts": "${transform.output.result.counts}"}}},
+        {
+            "name": "demo_ingest",
+            "taskReferenceName": "ingest",
+            "type": "SIMPLE",
+            "inputParameters": {
+                "workspace": "${workflow.input.workspace}",
+                "params": {"rows": "${workflow.input.rows}"},
+            },
+        },
+        {
+            "name": "demo_transform",
+            "taskReferenceName": "transform",
+            "type": "SIMPLE",
+            "inputParameters": {"workspace": "${ingest.output.workspace}", "params": {}},
+        },
+        {
+            "name": "demo_summarize",
+            "taskReferenceName": "summarize",
+            "type": "SIMPLE",
+            "inputParameters": {"params": {"counts": "${transform.output.result.counts}"}},
+        },
     ],
     "outputParameters": {
         "workspace": "${transform.output.workspace}",

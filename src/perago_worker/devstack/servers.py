@@ -38,7 +38,7 @@ def free_port() -> int:
 def _http_ok(url: str, *, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback)
-            return 200 <= resp.status < 300
+            return bool(200 <= resp.status < 300)
     except (urllib.error.URLError, OSError, TimeoutError):
         return False
 
@@ -64,8 +64,13 @@ class ServerProcess:
         # A new session: the server is not killed by a Ctrl-C aimed at the caller's group,
         # and stop() can signal its whole tree.
         self.proc = subprocess.Popen(
-            self.cmd, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            self.cmd,
+            cwd=self.workdir,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         log.close()
 
@@ -81,9 +86,7 @@ class ServerProcess:
             if self.ready():
                 return time.monotonic() - started
             time.sleep(0.25)
-        raise TimeoutError(
-            f"{self.name} not ready after {timeout:.0f}s; log tail:\n{self.tail()}"
-        )
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s; log tail:\n{self.tail()}")
 
     def stop(self, *, kill: bool = False, timeout: float = 20.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -156,10 +159,17 @@ def conductor_server(workdir: Path, port: int, jar: Path, java: Path) -> ServerP
     cds = jar.with_suffix(f".{java.parent.parent.name}.jsa")
     cmd = [
         str(java),
-        "-Xms256m", "-Xmx1g", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
-        "-Xss512k", "-Djava.awt.headless=true",
-        "-XX:+AutoCreateSharedArchive", f"-XX:SharedArchiveFile={cds}", "-Xlog:cds=off",
-        "-jar", str(jar),
+        "-Xms256m",
+        "-Xmx1g",
+        "-XX:+UseSerialGC",
+        "-XX:TieredStopAtLevel=1",
+        "-Xss512k",
+        "-Djava.awt.headless=true",
+        "-XX:+AutoCreateSharedArchive",
+        f"-XX:SharedArchiveFile={cds}",
+        "-Xlog:cds=off",
+        "-jar",
+        str(jar),
         f"--server.port={port}",
         "--server.address=127.0.0.1",
         f"--spring.datasource.url=jdbc:sqlite:{db}?busy_timeout=15000&journal_mode=WAL",
@@ -173,7 +183,10 @@ def conductor_server(workdir: Path, port: int, jar: Path, java: Path) -> ServerP
     ]
     base = f"http://127.0.0.1:{port}"
     return ServerProcess(
-        name="conductor", cmd=cmd, env=dict(os.environ), workdir=workdir,
+        name="conductor",
+        cmd=cmd,
+        env=dict(os.environ),
+        workdir=workdir,
         ready=lambda: _conductor_ready(base),
     )
 

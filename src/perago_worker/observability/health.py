@@ -30,7 +30,10 @@ def _metrics_payload() -> bytes:
 
 class HealthServer:
     def __init__(
-        self, host: str, port: int, lifecycle: Lifecycle,
+        self,
+        host: str,
+        port: int,
+        lifecycle: Lifecycle,
         status: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.lifecycle = lifecycle
@@ -38,7 +41,7 @@ class HealthServer:
         server_self = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 path = self.path.split("?")[0]
                 if path == "/metrics":
                     self._send(200, _metrics_payload(), CONTENT_TYPE_LATEST)
@@ -66,13 +69,15 @@ class HealthServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 return
 
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="health", daemon=True
+        )
 
     def summary(self) -> dict[str, Any]:
         last = self.lifecycle.last_poll

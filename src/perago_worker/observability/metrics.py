@@ -8,25 +8,34 @@ live processes combine (summed in-flight attempts, the newest heartbeat, ...).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Multiprocess mode writes one file per process into this folder; it must exist before the
 # first metric is created (at import), so create it rather than fail on a fresh emptyDir.
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 
-from prometheus_client import Counter, Gauge, Histogram  # noqa: E402
+from prometheus_client import Counter, Gauge, Histogram
 
 PHASES = (
-    "poll", "validate", "materialize", "pre_check", "handler", "post_check",
-    "stage", "fence", "merge", "report",
+    "poll",
+    "validate",
+    "materialize",
+    "pre_check",
+    "handler",
+    "post_check",
+    "stage",
+    "fence",
+    "merge",
+    "report",
 )
 STATES = ("starting", "validating", "running", "draining", "stopped", "failed")
 
-TASKS = Counter(
-    "perago_tasks_total", "Attempts by final outcome.", ["task_type", "status", "kind"]
-)
+TASKS = Counter("perago_tasks_total", "Attempts by final outcome.", ["task_type", "status", "kind"])
 PHASE_SECONDS = Histogram(
-    "perago_phase_seconds", "Duration of each pipeline phase.", ["task_type", "phase"],
+    "perago_phase_seconds",
+    "Duration of each pipeline phase.",
+    ["task_type", "phase"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
 )
 FILES = Counter(
@@ -43,11 +52,11 @@ FENCE_REJECTIONS = Counter(
     "Publishes stopped or redirected by a fence.",
     ["task_type", "fence", "kind"],
 )
-RETRIES = Counter(
-    "perago_retries_total", "Transient-fault retries of server calls.", ["server"]
-)
+RETRIES = Counter("perago_retries_total", "Transient-fault retries of server calls.", ["server"])
 IN_FLIGHT = Gauge(
-    "perago_attempts_in_flight", "Attempts being processed.", ["task_type"],
+    "perago_attempts_in_flight",
+    "Attempts being processed.",
+    ["task_type"],
     multiprocess_mode="livesum",
 )
 LEASE_EXTENSIONS = Counter(
@@ -55,7 +64,9 @@ LEASE_EXTENSIONS = Counter(
 )
 POLLS = Counter("perago_polls_total", "Batch polls by result.", ["task_type", "result"])
 STATE = Gauge(
-    "perago_worker_state", "1 for the lifecycle state the worker is in.", ["state"],
+    "perago_worker_state",
+    "1 for the lifecycle state the worker is in.",
+    ["state"],
     multiprocess_mode="livemax",
 )
 LAST_POLL = Gauge(
