@@ -165,50 +165,57 @@ class Runner:
     # -- polling --------------------------------------------------------------------------
 
     def _poll_loop(self, spec: TaskSpec) -> None:
+        """Long-poll for one task, then sweep up a backlog without waiting.
+
+        Conductor's batch poll waits out its whole timeout trying to fill the batch, so
+        asking for N tasks with a 2 s timeout delays a lone task by 2 s. One task is asked
+        for with the long timeout (answered as soon as it arrives); only when one came and
+        more slots are free is a batch asked for with no wait at all.
+        """
         slots = self._slots[spec.name]
         backoff = 0.0
-        settings = self.settings
         while not self._draining.is_set():
             if not slots.acquire(timeout=0.5):
                 continue
-            taken = 1
-            while taken < settings.poll_batch and slots.acquire(blocking=False):
-                taken += 1
-            tasks: list[Task] = []
-            started = time.monotonic()
-            try:
-                tasks = self.deps.conductor.batch_poll(
-                    spec.name,
-                    settings.worker_id,
-                    settings.task_domain,
-                    taken,
-                    settings.poll_timeout_ms,
-                )
-                backoff = 0.0
-                self.lifecycle.heartbeat()
-                metrics.POLLS.labels(
-                    task_type=spec.name, result="tasks" if tasks else "empty"
-                ).inc()
-            except Exception as exc:  # the loop never dies: a server outage is waited out
-                metrics.POLLS.labels(task_type=spec.name, result="error").inc()
-                backoff = min(30.0, max(0.5, backoff * 2))
-                self.log.warning(
-                    "poll.failed",
-                    task_type=spec.name,
-                    error=str(exc)[:300],
-                    retry_in=round(backoff, 1),
-                )
-            finally:
-                metrics.PHASE_SECONDS.labels(task_type=spec.name, phase="poll").observe(
-                    time.monotonic() - started
-                )
-            for _ in range(taken - len(tasks)):
+            tasks = self._poll(spec, 1, self.settings.poll_timeout_ms)
+            if tasks is None:
                 slots.release()
-            for task in tasks:
+                backoff = min(30.0, max(0.5, backoff * 2))
+                self._draining.wait(backoff * random.uniform(0.5, 1.0))
+                continue
+            backoff = 0.0
+            if not tasks:
+                slots.release()
+                continue
+            extra = 0
+            while extra < self.settings.poll_batch - 1 and slots.acquire(blocking=False):
+                extra += 1
+            more = self._poll(spec, extra, 0) if extra else []
+            more = more or []
+            for _ in range(extra - len(more)):
+                slots.release()
+            for task in (*tasks, *more):
                 faultpoints.hit("poll.received")
                 self._launch(spec, task)
-            if backoff:
-                self._draining.wait(backoff * random.uniform(0.5, 1.0))
+
+    def _poll(self, spec: TaskSpec, count: int, timeout_ms: int) -> list[Task] | None:
+        """One batch poll; None when it failed (the loop never dies: outages are waited out)."""
+        started = time.monotonic()
+        try:
+            tasks = self.deps.conductor.batch_poll(
+                spec.name, self.settings.worker_id, self.settings.task_domain, count, timeout_ms
+            )
+        except Exception as exc:
+            metrics.POLLS.labels(task_type=spec.name, result="error").inc()
+            self.log.warning("poll.failed", task_type=spec.name, error=str(exc)[:300])
+            return None
+        finally:
+            metrics.PHASE_SECONDS.labels(task_type=spec.name, phase="poll").observe(
+                time.monotonic() - started
+            )
+        self.lifecycle.heartbeat()
+        metrics.POLLS.labels(task_type=spec.name, result="tasks" if tasks else "empty").inc()
+        return tasks
 
     def _launch(self, spec: TaskSpec, task: Task) -> None:
         settings = self.settings
