@@ -39,7 +39,7 @@ from perago_worker.contract import (
     describe_validation_error,
     parse_input,
 )
-from perago_worker.lakefs import Conflict, LakeFS, LakeFSError, NotFound, is_transient
+from perago_worker.lakefs import Conflict, LakeFS, NotFound
 from perago_worker.materialize import materialize
 from perago_worker.observability import metrics
 from perago_worker.paths import relative_to_key
@@ -105,13 +105,13 @@ class Attempt:
         except Cancelled as exc:
             return Outcome(Status.FAILED, reason=bound_reason(f"aborted: {exc}"), kind="aborted")
         except Exception as exc:
-            transient = is_transient(exc) or isinstance(exc, LakeFSError | OSError)
+            # Handler exceptions were mapped in _handle; anything reaching here is a server,
+            # disk or worker fault after the retries: retryable, and logged with its trace.
             self.log.error(
                 "attempt.error", error=repr(exc), traceback=traceback.format_exc(limit=8)
             )
-            kind = FailureKind.INFRASTRUCTURE if transient else FailureKind.HANDLER_ERROR
-            wrapped = TaskFailure(kind, f"{type(exc).__name__}: {exc}")
-            return Outcome(Status.FAILED, reason=wrapped.reason, kind=kind.value)
+            wrapped = TaskFailure(FailureKind.INFRASTRUCTURE, f"{type(exc).__name__}: {exc}")
+            return Outcome(Status.FAILED, reason=wrapped.reason, kind=wrapped.kind.value)
 
     def _run(self) -> Outcome:
         spec = self.spec

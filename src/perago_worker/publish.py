@@ -161,6 +161,15 @@ def adopt(
     if staged is None:
         return None
     commit = lakefs.get_commit(repository, staged)
-    ref, merged = merge_intent(lakefs, repository, target, key, staged, message, metadata)
+    try:
+        ref, merged = merge_intent(lakefs, repository, target, key, staged, message, metadata)
+    except Conflict as exc:
+        # The claimed commit can never land: free the key so an operator's retry re-runs.
+        lakefs.delete_branch(repository, fences.intent_branch(key))
+        raise TaskFailure(
+            FailureKind.MERGE_CONFLICT,
+            f"the publish claimed by an earlier attempt conflicts with branch {target!r} "
+            f"({exc.message}); nothing was published",
+        ) from None
     result = json.loads(commit.metadata.get(fences.META_RESULT, "{}"))
     return Published(ref, result, adopted=True, merged=merged)

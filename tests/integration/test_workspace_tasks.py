@@ -510,3 +510,24 @@ def test_attempt_folders_and_staging_branches_are_removed_after_success(
     scratch = Path(worker.settings.scratch_root)
     assert [p for p in scratch.iterdir() if p.is_dir() and not p.name.startswith(".")] == []
     assert not list(lakefs.list_branches(repo, "perago-stage-"))
+
+
+def test_keep_failed_workspaces_leaves_the_failed_attempt_folder_for_debugging(
+    start_worker: Any, lakefs: LakeFS, repo: str, base: str
+) -> None:
+    s2 = suffix()
+    keeper = start_worker(build_app(s2), allowed_repositories=[repo], keep_failed_workspaces=True)
+    branch = new_branch(lakefs, repo, base)
+    run = keeper.run(
+        f"checked_{s2}",
+        {
+            "workspace": workspace(repo, base, branch),
+            "params": ops({"op": "write", "path": "out/evidence.tmp", "content": "look at me"}),
+        },
+    )
+    assert_failed(run, "FAILED", "post_check")
+    scratch = Path(keeper.settings.scratch_root)
+    [kept] = [p for p in scratch.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert (kept / "ws" / "out" / "evidence.tmp").read_text() == "look at me"
+    assert (kept / "ws" / "in" / "data.txt").read_bytes() == b"hello\n"
+    assert not list(lakefs.list_branches(repo, "perago-stage-"))

@@ -30,7 +30,9 @@ def _mask(value: Any) -> Any:
     return value
 
 
-def mask_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def mask_secrets(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     return {k: _mask(v) for k, v in event.items()} if _SECRETS else event
 
 
