@@ -345,6 +345,9 @@ class Runner:
                 try:
                     self.deps.conductor.extend_lease(entry.task)
                     metrics.LEASE_EXTENSIONS.labels(task_type=entry.spec.name, result="ok").inc()
+                    # A worker whose every slot is busy does not poll; a lease that reaches
+                    # Conductor is as good a sign of life.
+                    self.lifecycle.heartbeat()
                 except Exception as exc:
                     metrics.LEASE_EXTENSIONS.labels(task_type=entry.spec.name, result="error").inc()
                     entry.ctx.log.warning("lease.failed", error=str(exc)[:200])

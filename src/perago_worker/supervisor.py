@@ -103,7 +103,9 @@ def supervise(
                 time.sleep(1)
                 children[index] = spawn(index)
     lifecycle.set("draining")
-    deadline = time.monotonic() + settings.drain_grace_seconds + 30
+    # Children drain within their grace plus one long poll; this stays inside a
+    # terminationGracePeriodSeconds of drain grace + 30.
+    deadline = time.monotonic() + settings.drain_grace_seconds + 15
     code = 0
     for proc in children.values():
         try:

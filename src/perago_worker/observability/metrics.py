@@ -71,7 +71,7 @@ STATE = Gauge(
 )
 LAST_POLL = Gauge(
     "perago_last_poll_timestamp_seconds",
-    "Unix time of the last successful poll (the heartbeat).",
+    "Unix time of the last successful poll or lease extension (the heartbeat).",
     multiprocess_mode="max",
 )
 

@@ -1,0 +1,770 @@
+"""The deployment files agree with the code they deploy.
+
+Every YAML parses; the Dockerfile, the Kubernetes manifests and the compose file wire the port,
+probes, scratch root, config file and credentials the way `Settings` reads them; the drain
+grace fits inside the termination grace; every config file loads into `Settings`; the alert
+rules use only metrics and label values the code exports, each with its runbook section in
+docs/operations.md; and, when `promtool` is installed, Prometheus itself checks and unit-tests
+the rules.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from perago_worker.app import load_app
+from perago_worker.contract import Status
+from perago_worker.observability import metrics
+from perago_worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "kubernetes"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+COMPOSE = ROOT / "deploy" / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+OPERATIONS = ROOT / "docs" / "operations.md"
+CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
+ALL_YAML = sorted([*CONFIGS, *(ROOT / "deploy").rglob("*.yaml")])
+
+DEFAULTS = Settings.model_fields
+DEFAULT_PORT = DEFAULTS["http_port"].default
+DEFAULT_DRAIN_GRACE = DEFAULTS["drain_grace_seconds"].default
+SPECIAL_ENV = {"PERAGO_CONFIG"}  # read by settings_customise_sources, not a field
+
+ALERT_SPEC = {  # name -> the `for` duration the rule must have (None: fires at once)
+    "PeragoHighFailureRate": "10m",
+    "PeragoNoPolls": "5m",
+    "PeragoFenceRejections": None,
+    "PeragoSlowMaterialization": "15m",
+    "PeragoWorkerNotRunning": "10m",
+}
+SEVERITIES = {"critical", "warning", "info"}
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def load_all(path: Path) -> list[Any]:
+    with path.open() as fh:
+        return [doc for doc in yaml.safe_load_all(fh) if doc is not None]
+
+
+def load_one(path: Path) -> Any:
+    docs = load_all(path)
+    assert len(docs) == 1, f"{path} should hold one document"
+    return docs[0]
+
+
+def k8s(kind: str) -> dict[str, Any]:
+    found = [
+        doc for path in sorted(K8S.glob("*.yaml")) for doc in load_all(path) if doc["kind"] == kind
+    ]
+    assert len(found) == 1, f"expected one {kind} in {K8S}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec() -> dict[str, Any]:
+    return k8s("Deployment")["spec"]["template"]["spec"]
+
+
+def worker_container() -> dict[str, Any]:
+    containers = pod_spec()["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def env_field(name: str) -> tuple[str, ...]:
+    """The Settings field path of a PERAGO_ environment variable (`PERAGO_LAKEFS__ENDPOINT`)."""
+    assert name.startswith("PERAGO_"), name
+    parts = tuple(name.removeprefix("PERAGO_").lower().split("__"))
+    model: Any = Settings
+    for part in parts[:-1]:
+        assert part in model.model_fields, f"{name}: {part} is not a settings field"
+        model = model.model_fields[part].annotation
+        assert isinstance(model, type) and hasattr(model, "model_fields"), f"{name}: not nested"
+    assert parts[-1] in model.model_fields, f"{name} names no settings field"
+    return parts
+
+
+def assert_settings_env(names: Any) -> None:
+    for name in names:
+        if name in SPECIAL_ENV:
+            continue
+        env_field(name)
+
+
+def make_settings(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], config: Path | None = None
+) -> Settings:
+    """Settings as a process with exactly `env` (and the config file) would build them."""
+    for key in list(os.environ):
+        if key.startswith("PERAGO_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    if config is not None:
+        monkeypatch.setenv("PERAGO_CONFIG", str(config))
+    return Settings()
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    lines: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        stripped = raw.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if pending and stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        lines.append(pending + stripped)
+        pending = ""
+    assert not pending, "Dockerfile ends in a continuation"
+    result = []
+    for line in lines:
+        instruction, _, rest = line.partition(" ")
+        result.append((instruction.upper(), rest.strip()))
+    return result
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile()
+    last_from = max(i for i, (ins, _) in enumerate(instructions) if ins == "FROM")
+    return instructions[last_from:]
+
+
+def image_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for ins, rest in final_stage():
+        if ins == "ENV":
+            for pair in shlex.split(rest):
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
+def only(instruction: str) -> str:
+    found = [rest for ins, rest in final_stage() if ins == instruction]
+    assert len(found) == 1, f"expected one {instruction} in the final stage, found {found}"
+    return found[0]
+
+
+def exported_series() -> dict[str, MetricWrapperBase]:
+    """Every series name the metrics module exposes, mapped to its metric object.
+
+    prometheus-client keeps a counter's name without `_total` in `_name` and exposes
+    `<name>_total`; a histogram exposes `_bucket`, `_sum` and `_count`.
+    """
+    series: dict[str, MetricWrapperBase] = {}
+    for obj in vars(metrics).values():
+        if not isinstance(obj, MetricWrapperBase):
+            continue
+        name = obj._name
+        if obj._type == "counter":
+            names = [f"{name}_total"]
+        elif obj._type == "histogram":
+            names = [f"{name}_bucket", f"{name}_sum", f"{name}_count"]
+        else:
+            names = [name]
+        for n in names:
+            series[n] = obj
+    assert series, "no metrics found in perago_worker.observability.metrics"
+    return series
+
+
+def documented_metric_names() -> list[str]:
+    """One name per metric, as a user sees it: counters with _total, histograms bare."""
+    names = []
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            names.append(f"{obj._name}_total" if obj._type == "counter" else obj._name)
+    return sorted(names)
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = load_one(ALERTS)
+    return [rule for group in doc["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def github_anchors(markdown: str) -> set[str]:
+    anchors = set()
+    for line in markdown.splitlines():
+        match = re.match(r"^#{1,6}\s+(.*?)\s*$", line)
+        if match:
+            text = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower())
+            anchors.add(text.replace(" ", "-"))
+    return anchors
+
+
+# -- every file parses ------------------------------------------------------------------------
+
+
+def test_the_files_exist() -> None:
+    for path in (DOCKERFILE, ROOT / ".dockerignore", ALERTS, COMPOSE, OPERATIONS):
+        assert path.is_file(), path
+    assert {p.name for p in CONFIGS} >= {"dev.yaml", "prod.yaml", "personal.yaml"}
+    assert {p.name for p in K8S.glob("*.yaml")} >= {
+        "configmap.yaml",
+        "secret.yaml",
+        "deployment.yaml",
+        "podmonitor.yaml",
+        "kustomization.yaml",
+    }
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_yaml_file_parses(path: Path) -> None:
+    docs = load_all(path)
+    assert docs, f"{path} is empty"
+    for doc in docs:
+        assert isinstance(doc, dict)
+
+
+# -- Dockerfile -------------------------------------------------------------------------------
+
+
+def test_dockerfile_base_user_install_and_entrypoint() -> None:
+    instructions = dockerfile()
+    bases = [rest.split()[0] for ins, rest in instructions if ins == "FROM"]
+    assert bases and all(b == "python:3.11-slim" for b in bases), bases
+    runs = " ".join(rest for ins, rest in instructions if ins == "RUN")
+    assert "pip install -c requirements.lock ." in runs
+    assert (ROOT / "requirements.lock").is_file()
+    copied = " ".join(rest for ins, rest in instructions if ins == "COPY")
+    for needed in ("pyproject.toml", "README.md", "requirements.lock", "src"):
+        assert needed in copied, f"the build does not copy {needed}"
+
+    user = only("USER").split(":")[0]
+    assert user == "10001"
+    assert "--uid 10001" in " ".join(rest for ins, rest in final_stage() if ins == "RUN")
+    assert json.loads(only("ENTRYPOINT")) == ["perago-worker"]
+    cmd = json.loads(only("CMD"))
+    assert cmd == ["run", "perago_worker.devstack.demo_app:app"]
+    assert load_app(cmd[1]).tasks, "the default CMD's app has no handlers"
+    assert only("STOPSIGNAL") == "SIGTERM"
+
+
+def test_dockerfile_port_healthcheck_env_and_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert only("EXPOSE").split() == [str(DEFAULT_PORT)]
+
+    healthcheck = only("HEALTHCHECK")
+    command = json.loads(healthcheck[healthcheck.index("CMD") + len("CMD") :].strip())
+    assert command[0] == "python", "python:slim has no curl: the healthcheck must use python"
+    url = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", " ".join(command))
+    assert url is not None
+    assert int(url.group(1)) == DEFAULT_PORT
+    assert url.group(2) == "/healthz"
+
+    env = image_env()
+    assert env["PERAGO_LOG_FORMAT"] == "json"
+    assert env["PERAGO_SCRATCH_ROOT"] == "/var/lib/perago/attempts"
+    perago_env = {k: v for k, v in env.items() if k.startswith("PERAGO_")}
+    assert_settings_env(perago_env)
+    settings = make_settings(monkeypatch, perago_env)
+    assert settings.log_format == "json"
+    assert json.loads(only("VOLUME")) == [str(settings.scratch_root)]
+
+
+def test_dockerignore_keeps_what_the_build_copies() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+
+    def ignored(path: str) -> bool:
+        result = False
+        for pattern in patterns:
+            negate = pattern.startswith("!")
+            pat = pattern.removeprefix("!").rstrip("/")
+            parts = path.split("/")
+            prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+            if any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, f"**/{pat}") for p in prefixes):
+                result = not negate
+        return result
+
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "requirements.lock",
+        "src/perago_worker/cli.py",
+        "src/perago_worker/devstack/demo_app.py",
+    ):
+        assert not ignored(needed), f".dockerignore drops {needed}, which the build needs"
+    for junk in (".git/config", ".venv/bin/python", "tests/conftest.py"):
+        assert ignored(junk), f".dockerignore lets {junk} into the build context"
+
+
+# -- Kubernetes -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def k8s_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
+    """The settings a replica builds: image ENV < container env; the ConfigMap's file."""
+    container = worker_container()
+    env = {k: v for k, v in image_env().items() if k.startswith("PERAGO_")}
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    secret = k8s("Secret")
+    for source in container.get("envFrom", []):
+        if "secretRef" in source:
+            assert source["secretRef"]["name"] == secret["metadata"]["name"]
+            env.update(secret.get("stringData", {}))
+    config_path = env.pop("PERAGO_CONFIG")
+
+    mount = next(m for m in container["volumeMounts"] if config_path.startswith(m["mountPath"]))
+    volume = next(v for v in pod_spec()["volumes"] if v["name"] == mount["name"])
+    configmap = k8s("ConfigMap")
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    relative = config_path.removeprefix(mount["mountPath"]).lstrip("/")
+    items = {i["path"]: i["key"] for i in volume["configMap"].get("items", [])}
+    key = items.get(relative, relative)
+    assert key in configmap["data"], f"PERAGO_CONFIG={config_path} names no ConfigMap key"
+
+    file = tmp_path / "config.yaml"
+    file.write_text(configmap["data"][key])
+    return make_settings(monkeypatch, env, file)
+
+
+def test_deployment_shape() -> None:
+    deployment = k8s("Deployment")
+    assert deployment["apiVersion"] == "apps/v1"
+    assert deployment["spec"]["replicas"] == 3
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+    resources = worker_container()["resources"]
+    assert resources["requests"]["cpu"] and resources["requests"]["memory"]
+    assert resources["limits"]["memory"]
+
+
+def test_container_port_and_probes_match_the_settings(k8s_settings: Settings) -> None:
+    container = worker_container()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == DEFAULT_PORT == k8s_settings.http_port
+
+    def probe_port(probe: dict[str, Any]) -> int:
+        port = probe["httpGet"]["port"]
+        return ports[port] if isinstance(port, str) else int(port)
+
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert probe_port(container["livenessProbe"]) == k8s_settings.http_port
+    assert probe_port(container["readinessProbe"]) == k8s_settings.http_port
+
+
+def test_termination_grace_exceeds_the_drain_grace(k8s_settings: Settings) -> None:
+    grace = pod_spec()["terminationGracePeriodSeconds"]
+    assert grace == 90
+    assert grace > k8s_settings.drain_grace_seconds
+    assert grace > DEFAULT_DRAIN_GRACE
+    # The last long poll ends before the drain's wait begins.
+    assert grace > k8s_settings.drain_grace_seconds + k8s_settings.poll_timeout_ms / 1000
+
+
+def test_scrape_annotations_agree_with_the_port(k8s_settings: Settings) -> None:
+    annotations = k8s("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == k8s_settings.http_port
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_security_context_and_scratch_volume(k8s_settings: Settings) -> None:
+    spec = pod_spec()
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert str(spec["securityContext"]["runAsUser"]) == only("USER").split(":")[0]
+    container = worker_container()
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    scratch = mounts.get(str(k8s_settings.scratch_root))
+    assert scratch is not None, f"nothing is mounted at scratch_root {k8s_settings.scratch_root}"
+    assert "emptyDir" in volumes[scratch]
+    if container["securityContext"].get("readOnlyRootFilesystem"):
+        assert "/tmp" in mounts, "a read-only root needs a writable /tmp"
+
+
+def test_the_configmap_settings_are_production_ready(k8s_settings: Settings) -> None:
+    assert k8s_settings.environment == "prod"
+    assert k8s_settings.allowed_repositories
+    assert k8s_settings.log_format == "json"
+    assert k8s_settings.lakefs.secret_access_key.get_secret_value(), "the Secret feeds it"
+
+
+def test_configmap_holds_no_secrets() -> None:
+    data = yaml.safe_load(k8s("ConfigMap")["data"]["config.yaml"])
+    assert "secret_access_key" not in data.get("lakefs", {})
+    assert "access_key_id" not in data.get("lakefs", {})
+    assert "auth_secret" not in data.get("conductor", {})
+    assert "handler_secrets" not in data
+
+
+def test_secret_keys_are_settings_environment_variables() -> None:
+    secret = k8s("Secret")
+    data = secret.get("stringData", {})
+    assert set(data) == {
+        "PERAGO_LAKEFS__ACCESS_KEY_ID",
+        "PERAGO_LAKEFS__SECRET_ACCESS_KEY",
+        "PERAGO_CONDUCTOR__AUTH_KEY",
+        "PERAGO_CONDUCTOR__AUTH_SECRET",
+    }
+    assert_settings_env(data)
+    for value in data.values():
+        assert "REPLACE" in value, "secret.yaml is a template: placeholders only"
+
+
+def test_container_env_names_are_settings_environment_variables() -> None:
+    names = [e["name"] for e in worker_container().get("env", []) if e["name"].startswith("PERAGO")]
+    assert "PERAGO_CONFIG" in names
+    assert_settings_env(names)
+
+
+def test_podmonitor_scrapes_the_http_port() -> None:
+    monitor = k8s("PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    labels = k8s("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    port_names = {p["name"] for p in worker_container()["ports"]}
+    assert endpoints
+    for endpoint in endpoints:
+        assert endpoint["port"] == "http" and endpoint["port"] in port_names
+        assert endpoint["path"] == "/metrics"
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = load_one(K8S / "kustomization.yaml")
+    listed = kustomization["resources"]
+    present = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(listed) == present
+
+
+# -- config files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_file_loads_into_settings(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    settings = make_settings(monkeypatch, {}, path)
+    raw = load_one(path)
+    assert settings.environment == raw["environment"]
+    # No secrets in files: they come from the environment.
+    assert not settings.lakefs.access_key_id
+    assert not settings.lakefs.secret_access_key.get_secret_value()
+    assert settings.conductor.auth_secret is None
+    assert not settings.handler_secrets
+
+
+def test_prod_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = make_settings(monkeypatch, {}, ROOT / "config" / "prod.yaml")
+    assert settings.environment == "prod"
+    assert settings.allowed_repositories
+    assert settings.log_format == "json"
+    # prod is refused without target roots: the file, not luck, makes it start.
+    raw = load_one(ROOT / "config" / "prod.yaml")
+    assert raw["allowed_repositories"]
+
+
+def test_personal_config_derives_its_task_domain(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = make_settings(monkeypatch, {}, ROOT / "config" / "personal.yaml")
+    assert settings.environment == "personal-alice"
+    assert settings.task_domain == "alice"
+
+
+# -- alert rules ------------------------------------------------------------------------------
+
+KNOWN_LABEL_VALUES = {
+    ("perago_tasks_total", "status"): {s.value for s in Status},
+    ("perago_phase_seconds_bucket", "phase"): set(metrics.PHASES),
+    ("perago_worker_state", "state"): set(metrics.STATES),
+}
+
+
+def test_alert_names_severity_and_annotations() -> None:
+    rules = alert_rules()
+    assert {r["alert"] for r in rules} == set(ALERT_SPEC)
+    anchors = github_anchors(OPERATIONS.read_text())
+    for rule in rules:
+        name = rule["alert"]
+        assert rule.get("for") == ALERT_SPEC[name], name
+        assert rule["labels"]["severity"] in SEVERITIES, name
+        annotations = rule["annotations"]
+        assert annotations["summary"].strip() and annotations["description"].strip(), name
+        runbook = annotations["runbook_url"]
+        path, _, anchor = runbook.partition("#")
+        assert path.endswith("docs/operations.md"), runbook
+        assert anchor == name.lower(), runbook
+        assert anchor in anchors, f"docs/operations.md has no section #{anchor}"
+
+
+def test_alert_metrics_and_labels_exist_in_the_code() -> None:
+    series = exported_series()
+    for rule in alert_rules():
+        expr = rule["expr"]
+        used = set(re.findall(r"\bperago_[a-z0-9_]+\b", expr))
+        assert used, f"{rule['alert']} uses no perago metric"
+        unknown = used - set(series)
+        assert not unknown, f"{rule['alert']} uses metrics the code does not export: {unknown}"
+
+        available = {"le"} | {label for name in used for label in series[name]._labelnames}
+        for grouping in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+            for label in filter(None, (s.strip() for s in grouping.split(","))):
+                assert label in available, f"{rule['alert']}: no label {label!r}"
+
+        for name, matchers in re.findall(r"\b(perago_[a-z0-9_]+)\{([^}]*)\}", expr):
+            allowed = set(series[name]._labelnames) | (
+                {"le"} if name.endswith("_bucket") else set()
+            )
+            for label, op, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', matchers):
+                assert label in allowed, f"{rule['alert']}: {name} has no label {label!r}"
+                known = KNOWN_LABEL_VALUES.get((name, label))
+                if known is None:
+                    continue
+                values = value.split("|") if op in ("=~", "!~") else [value]
+                assert set(values) <= known, f"{rule['alert']}: {label} values {values} unknown"
+
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed")
+
+
+@needs_promtool
+def test_promtool_checks_the_rules() -> None:
+    assert PROMTOOL is not None
+    result = subprocess.run(
+        [PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _promtool_cases() -> Iterator[dict[str, Any]]:
+    """promtool unit tests: each alert fires on a broken worker and not on a healthy one."""
+    yield {
+        "interval": "1m",
+        "input_series": [
+            {
+                "series": 'perago_tasks_total{task_type="bad",status="COMPLETED",kind="ok"}',
+                "values": "0+8x40",
+            },
+            {
+                "series": 'perago_tasks_total{task_type="bad",status="FAILED",kind="handler_error"}',
+                "values": "0+2x40",
+            },
+            {
+                "series": 'perago_tasks_total{task_type="good",status="COMPLETED",kind="ok"}',
+                "values": "0+20x40",
+            },
+            {
+                "series": 'perago_tasks_total{task_type="good",status="FAILED_WITH_TERMINAL_ERROR",kind="bad_params"}',
+                "values": "0+1x40",
+            },
+        ],
+        "alert_rule_test": [
+            {"eval_time": "5m", "alertname": "PeragoHighFailureRate", "exp_alerts": []},
+            {
+                "eval_time": "30m",
+                "alertname": "PeragoHighFailureRate",
+                "exp_alerts": [{"exp_labels": {"severity": "warning", "task_type": "bad"}}],
+            },
+        ],
+    }
+    yield {
+        "interval": "1m",
+        "input_series": [
+            {"series": 'perago_last_poll_timestamp_seconds{instance="stuck"}', "values": "0x30"},
+            # healthy: polled at every sample, so the value is the sample's own time
+            {"series": 'perago_last_poll_timestamp_seconds{instance="ok"}', "values": "0+60x30"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "4m", "alertname": "PeragoNoPolls", "exp_alerts": []},
+            {
+                "eval_time": "15m",
+                "alertname": "PeragoNoPolls",
+                "exp_alerts": [{"exp_labels": {"severity": "critical", "instance": "stuck"}}],
+            },
+        ],
+    }
+    labels = 'task_type="t",fence="attempt",kind="other_worker"'
+    yield {
+        "interval": "1m",
+        "input_series": [
+            {"series": f"perago_fence_rejections_total{{{labels}}}", "values": "0 0 0 1x40"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "2m", "alertname": "PeragoFenceRejections", "exp_alerts": []},
+            {
+                "eval_time": "5m",
+                "alertname": "PeragoFenceRejections",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {
+                            "severity": "info",
+                            "task_type": "t",
+                            "fence": "attempt",
+                            "kind": "other_worker",
+                        }
+                    }
+                ],
+            },
+            {"eval_time": "40m", "alertname": "PeragoFenceRejections", "exp_alerts": []},
+        ],
+    }
+
+    def bucket(task_type: str, phase: str, le: str, values: str) -> dict[str, str]:
+        return {
+            "series": f'perago_phase_seconds_bucket{{task_type="{task_type}",phase="{phase}",le="{le}"}}',
+            "values": values,
+        }
+
+    yield {
+        "interval": "1m",
+        "input_series": [
+            # every materialization of "slow" lands between 300 s and 900 s
+            bucket("slow", "materialize", "300", "0x40"),
+            bucket("slow", "materialize", "900", "0+1x40"),
+            bucket("slow", "materialize", "+Inf", "0+1x40"),
+            # a slow handler is not a slow materialization
+            bucket("fast", "materialize", "300", "0+1x40"),
+            bucket("fast", "materialize", "900", "0+1x40"),
+            bucket("fast", "materialize", "+Inf", "0+1x40"),
+            bucket("fast", "handler", "300", "0x40"),
+            bucket("fast", "handler", "900", "0+1x40"),
+            bucket("fast", "handler", "+Inf", "0+1x40"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "10m", "alertname": "PeragoSlowMaterialization", "exp_alerts": []},
+            {
+                "eval_time": "30m",
+                "alertname": "PeragoSlowMaterialization",
+                "exp_alerts": [{"exp_labels": {"severity": "warning", "task_type": "slow"}}],
+            },
+        ],
+    }
+    yield {
+        "interval": "1m",
+        "input_series": [
+            {"series": 'perago_worker_state{state="running",instance="down"}', "values": "0x30"},
+            {"series": 'perago_worker_state{state="failed",instance="down"}', "values": "1x30"},
+            {"series": 'perago_worker_state{state="running",instance="up"}', "values": "1x30"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "5m", "alertname": "PeragoWorkerNotRunning", "exp_alerts": []},
+            {
+                "eval_time": "15m",
+                "alertname": "PeragoWorkerNotRunning",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {
+                            "severity": "critical",
+                            "state": "running",
+                            "instance": "down",
+                        }
+                    }
+                ],
+            },
+        ],
+    }
+
+
+@needs_promtool
+def test_promtool_unit_tests_fire_each_alert(tmp_path: Path) -> None:
+    assert PROMTOOL is not None
+    # promtool compares annotations exactly; test the expressions, `for` and labels only.
+    rules = copy.deepcopy(load_one(ALERTS))
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump(rules, sort_keys=False))
+    tests_file = tmp_path / "tests.yaml"
+    tests_file.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [rules_file.name],
+                "evaluation_interval": "1m",
+                "tests": list(_promtool_cases()),
+            },
+            sort_keys=False,
+        )
+    )
+    result = subprocess.run(
+        [PROMTOOL, "test", "rules", str(tests_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- compose ----------------------------------------------------------------------------------
+
+
+def test_compose_wires_the_worker_to_lakefs_and_conductor(monkeypatch: pytest.MonkeyPatch) -> None:
+    compose = load_one(COMPOSE)
+    services = compose["services"]
+    assert {"lakefs", "conductor", "worker"} <= set(services)
+    assert services["lakefs"]["image"].startswith("treeverse/lakefs")
+    assert "conductor" in services["conductor"]["image"]
+
+    worker = services["worker"]
+    build = worker["build"]
+    context = (COMPOSE.parent / build["context"]).resolve()
+    assert (context / build.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
+    env = {k: str(v) for k, v in worker["environment"].items()}
+    assert_settings_env(k for k in env if k.startswith("PERAGO_"))
+    image = {k: v for k, v in image_env().items() if k.startswith("PERAGO_")}
+    settings = make_settings(monkeypatch, {**image, **env})
+
+    assert urlsplit(settings.lakefs.endpoint).hostname == "lakefs"
+    assert urlsplit(settings.conductor.url).hostname == "conductor"
+    lakefs_env = services["lakefs"]["environment"]
+    assert settings.lakefs.access_key_id == lakefs_env["LAKEFS_INSTALLATION_ACCESS_KEY_ID"]
+    assert (
+        settings.lakefs.secret_access_key.get_secret_value()
+        == lakefs_env["LAKEFS_INSTALLATION_SECRET_ACCESS_KEY"]
+    )
+    published = [str(p) for p in worker.get("ports", [])]
+    assert any(p.split(":")[-1] == str(settings.http_port) for p in published), published
+    mounts = [str(v).split(":")[1] for v in worker.get("volumes", [])]
+    assert str(settings.scratch_root) in mounts
+
+    stop = re.fullmatch(r"(\d+)s", str(worker["stop_grace_period"]))
+    assert stop is not None
+    assert int(stop.group(1)) > settings.drain_grace_seconds
+    if "command" in worker:
+        assert load_app(worker["command"][-1]).tasks
+
+
+# -- operations guide -------------------------------------------------------------------------
+
+
+def test_operations_guide_documents_every_metric() -> None:
+    text = OPERATIONS.read_text()
+    missing = [n for n in documented_metric_names() if f"`{n}`" not in text]
+    assert missing == []
+
+
+def test_operations_guide_troubleshooting_order() -> None:
+    text = OPERATIONS.read_text().lower()
+    start = text.index("## troubleshooting")
+    section = text[start:]
+    steps = ["process", "network", "credentials", "disk and memory", "handler compatibility"]
+    positions = [section.index(f"### {i}. {step}") for i, step in enumerate(steps, 1)]
+    assert positions == sorted(positions)
