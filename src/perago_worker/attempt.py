@@ -62,6 +62,7 @@ class Outcome:
     reason: str = ""
     kind: str = "ok"
     report: bool = True  # False for a zombie: it must not overwrite the live attempt's result
+    verified_live: bool = False  # the attempt fence passed just now, with nothing after it
 
 
 class Attempt:
@@ -259,6 +260,7 @@ class Attempt:
         staging = fences.staging_branch(ctx.task_id, self.uid, time.time())
         attempt_dir.record(staging_branch=staging)
         succeeded = False
+        staged_branch_made = False
         manifest: Manifest = {}
         try:
             root = attempt_dir.root
@@ -308,6 +310,7 @@ class Attempt:
                     ) from None
                 figures["changes"] = changes.summary()
                 if not changes.empty:
+                    staged_branch_made = True
                     sstats = publish.stage(
                         deps.lakefs,
                         ws.repository,
@@ -346,7 +349,9 @@ class Attempt:
                         Status.FAILED, reason="attempt lost its lease", kind="zombie", report=False
                     )
                 succeeded = True
-                return self._output(ws, ws.ref, result)
+                outcome = self._output(ws, ws.ref, result)
+                outcome.verified_live = True
+                return outcome
 
             with self.phase("fence") as figures:
                 if ctx.cancelled or not self.still_live():
@@ -393,8 +398,9 @@ class Attempt:
             succeeded = True
             return self._output(ws, ref, result)
         finally:
-            with contextlib.suppress(Exception):
-                deps.lakefs.delete_branch(ws.repository, staging)
+            if staged_branch_made:
+                with contextlib.suppress(Exception):
+                    deps.lakefs.delete_branch(ws.repository, staging)
             if deps.cache is not None and manifest:
                 self._feed_cache(manifest, attempt_dir.root)
             attempt_dir.release(remove=succeeded or not settings.keep_failed_workspaces)

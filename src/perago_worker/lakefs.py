@@ -1,8 +1,8 @@
 """A thin adapter over lakeFS: `lakefs-sdk` for the control plane, raw streams for the data.
 
 The generated SDK holds whole objects in memory (`get_object` returns a bytearray,
-`upload_object` takes bytes), so object bodies go through a pooled urllib3 connection
-manager sized to the transfer pool, streamed to and from disk in 1 MiB blocks. Everything
+`upload_object` takes bytes), so object bodies go through keep-alive `http.client`
+connections, one per transfer thread, streamed to and from disk in 1 MiB blocks. Everything
 else (commits, branches, merges, listings) uses the SDK's models.
 
 Transient faults (connection errors, timeouts, 5xx, 429) are retried with exponential
@@ -11,8 +11,11 @@ backoff and jitter; 4xx answers are not, they are translated into the errors bel
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import os
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,6 +138,61 @@ def _commit(c: Any) -> CommitInfo:
     )
 
 
+class DataPlane:
+    """Keep-alive HTTP connections for object bodies, one per thread.
+
+    Bodies are where the per-object cost is paid: a plain `http.client` connection per
+    thread costs about half the CPU of a pooled urllib3 request (measured: 0.29 vs 0.55 ms
+    per 16 KiB GET on loopback), and no connection is ever shared between threads.
+    """
+
+    def __init__(self, endpoint: str, access_key_id: str, secret: str, timeout: float) -> None:
+        parts = urllib.parse.urlsplit(endpoint)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if self._https else 80)
+        self._base = parts.path.rstrip("/")
+        token = base64.b64encode(f"{access_key_id}:{secret}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {token}"}
+        self._timeout = timeout
+        self._local = threading.local()
+        self._all: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=self._timeout, blocksize=BLOCK)
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def request(
+        self, method: str, route: str, *, body: Any = None, headers: dict[str, str] | None = None
+    ) -> http.client.HTTPResponse:
+        """Send one request; the caller must read the response to the end."""
+        conn = self._connection()
+        try:
+            conn.request(
+                method, self._base + route, body=body, headers={**self._headers, **(headers or {})}
+            )
+            return conn.getresponse()
+        except (http.client.HTTPException, OSError) as exc:
+            conn.close()
+            self._local.conn = None
+            if isinstance(exc, http.client.HTTPException):
+                raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+
 class LakeFS:
     def __init__(
         self,
@@ -157,23 +215,14 @@ class LakeFS:
         self.commits = lakefs_sdk.CommitsApi(self._client)
         self.refs = lakefs_sdk.RefsApi(self._client)
         self.objects = lakefs_sdk.ObjectsApi(self._client)
-        self._auth = urllib3.make_headers(basic_auth=f"{access_key_id}:{secret_access_key}")
-        self._timeout = urllib3.Timeout(connect=10.0, read=timeout)
-        self._pool = urllib3.PoolManager(
-            num_pools=4,
-            maxsize=pool_size,
-            block=True,
-            retries=False,
-            timeout=self._timeout,
-            blocksize=BLOCK,
-        )
+        self._data = DataPlane(self.endpoint, access_key_id, secret_access_key, timeout)
         self._retry_seconds = retry_seconds
 
     def _auth_api(self) -> lakefs_sdk.AuthApi:
         return lakefs_sdk.AuthApi(self._client)
 
     def close(self) -> None:
-        self._pool.clear()
+        self._data.close()
         self._client.close()
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -211,47 +260,84 @@ class LakeFS:
         return True
 
     def list_objects(self, repository: str, ref: str, prefix: str) -> Iterator[list[ObjectInfo]]:
-        """Pages of objects under `prefix`, in key order (1000 a page)."""
+        """Pages of objects under `prefix`, in key order (1000 a page).
+
+        Read as plain JSON on the data plane: validating each entry through the SDK's
+        models cost about half a millisecond per object, as much as downloading a small one.
+        """
+        route = f"/api/v1/repositories/{self._q(repository)}/refs/{self._q(ref)}/objects/ls?"
         after = ""
         while True:
-            page = self.call(
-                self.objects.list_objects, repository, ref, prefix=prefix, after=after, amount=1000
-            )
-            yield [
-                ObjectInfo(o.path, int(o.size_bytes or 0), o.checksum, int(o.mtime))
-                for o in page.results
-                if o.path_type == "object"
-            ]
-            if not page.pagination.has_more:
-                return
-            after = page.pagination.next_offset
+            query = urllib.parse.urlencode({"prefix": prefix, "after": after, "amount": 1000})
 
-    def download(self, repository: str, ref: str, key: str, dest: Path, expected_size: int) -> int:
-        """Stream one object to `dest` (created exclusively), verifying its size."""
-        url = self._url(
-            f"/repositories/{self._q(repository)}/refs/{self._q(ref)}/objects", path=key
+            def once(query: str = query) -> dict[str, Any]:
+                resp = self._data.request("GET", route + query)
+                data = resp.read()
+                if resp.status != 200:
+                    raise translate(resp.status, data)
+                result: dict[str, Any] = json.loads(data)
+                return result
+
+            page = self._with_retries(once)
+            yield [
+                ObjectInfo(
+                    o["path"],
+                    int(o.get("size_bytes") or 0),
+                    o.get("checksum", ""),
+                    int(o.get("mtime", 0)),
+                )
+                for o in page["results"]
+                if o.get("path_type") == "object"
+            ]
+            if not page["pagination"]["has_more"]:
+                return
+            after = page["pagination"]["next_offset"]
+
+    def download(
+        self, repository: str, ref: str, key: str, dest: Path, expected_size: int
+    ) -> os.stat_result:
+        """Stream one object to `dest`, verifying its size; return the file's stat.
+
+        The leaf is opened with O_NOFOLLOW: a symlink planted at `dest` is refused, never
+        followed. The stat comes from the open descriptor, saving a path lookup.
+        """
+        route = (
+            f"/api/v1/repositories/{self._q(repository)}/refs/{self._q(ref)}/objects?"
+            + urllib.parse.urlencode({"path": key})
         )
+
+        def once() -> os.stat_result:
+            resp = self._data.request("GET", route)
+            if resp.status != 200:
+                raise translate(resp.status, resp.read())
+            written = 0
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            try:
+                while chunk := resp.read(BLOCK):
+                    os.write(fd, chunk)
+                    written += len(chunk)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if written != expected_size:
+                raise LakeFSError(
+                    502, f"{key}: got {written} bytes, the listing says {expected_size}"
+                )
+            return st
+
+        return self._with_retries(once)
+
+    def _with_retries(self, fn: Callable[[], T]) -> T:
+        """Fast path first: building a retry controller per object costs more than the call."""
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            _count_retry(None)  # type: ignore[arg-type]
         for attempt in retrying(self._retry_seconds):
             with attempt:
-                resp = self._pool.request(
-                    "GET", url, headers=self._auth, preload_content=False, timeout=self._timeout
-                )
-                try:
-                    if resp.status != 200:
-                        raise translate(resp.status, resp.read())
-                    written = 0
-                    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-                    with os.fdopen(fd, "wb") as out:
-                        for chunk in resp.stream(BLOCK):
-                            out.write(chunk)
-                            written += len(chunk)
-                finally:
-                    resp.release_conn()
-                if written != expected_size:
-                    raise LakeFSError(
-                        502, f"{key}: got {written} bytes, the listing says {expected_size}"
-                    )
-                return written
+                return fn()
         raise AssertionError("unreachable")
 
     def changed_paths(self, repository: str, left: str, right: str, *, limit: int) -> list[str]:
@@ -270,29 +356,29 @@ class LakeFS:
 
     def upload(self, repository: str, branch: str, key: str, source: Path) -> str:
         """Stream a local file to `key` on `branch`; return the object's checksum."""
-        url = self._url(
-            f"/repositories/{self._q(repository)}/branches/{self._q(branch)}/objects", path=key
+        route = (
+            f"/api/v1/repositories/{self._q(repository)}/branches/{self._q(branch)}/objects?"
+            + urllib.parse.urlencode({"path": key})
         )
-        size = source.stat().st_size
-        headers = {
-            **self._auth,
-            "Content-Type": "application/octet-stream",
-            "Content-Length": str(size),
-        }
-        for attempt in retrying(self._retry_seconds):
-            with attempt, source.open("rb") as body:
-                resp = self._pool.request(
+
+        def once() -> str:
+            with source.open("rb") as body:
+                size = os.fstat(body.fileno()).st_size
+                resp = self._data.request(
                     "POST",
-                    url,
+                    route,
                     body=body,
-                    headers=headers,
-                    timeout=self._timeout,
-                    preload_content=True,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Length": str(size),
+                    },
                 )
-                if resp.status not in (200, 201):
-                    raise translate(resp.status, resp.data)
-                return str(json.loads(resp.data).get("checksum", ""))
-        raise AssertionError("unreachable")
+                data = resp.read()
+            if resp.status not in (200, 201):
+                raise translate(resp.status, data)
+            return str(json.loads(data).get("checksum", ""))
+
+        return self._with_retries(once)
 
     def delete_objects(self, repository: str, branch: str, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):

@@ -187,14 +187,16 @@ class Runner:
             if not tasks:
                 slots.release()
                 continue
+            for task in tasks:
+                faultpoints.hit("poll.received")
+                self._launch(spec, task)
             extra = 0
             while extra < self.settings.poll_batch - 1 and slots.acquire(blocking=False):
                 extra += 1
-            more = self._poll(spec, extra, 0) if extra else []
-            more = more or []
+            more = (self._poll(spec, extra, 0) or []) if extra else []
             for _ in range(extra - len(more)):
                 slots.release()
-            for task in (*tasks, *more):
+            for task in more:
                 faultpoints.hit("poll.received")
                 self._launch(spec, task)
 
@@ -285,7 +287,12 @@ class Runner:
                 still_live=lambda: self.is_live(entry),
             )
             outcome = attempt.run()
-            if outcome.report and not ctx.cancelled and not self.is_live(entry):
+            if (
+                outcome.report
+                and not outcome.verified_live
+                and not ctx.cancelled
+                and not self.is_live(entry)
+            ):
                 outcome.report = False
             if outcome.report:
                 self._report(entry, outcome)
