@@ -25,7 +25,7 @@ from perago_worker._version import __version__
 from perago_worker.app import TaskSpec
 from perago_worker.cache import ObjectCache
 from perago_worker.changes import FileSignature, Manifest, Unpublishable, diff, scan
-from perago_worker.checks import run_checks
+from perago_worker.checks import Check, run_checks
 from perago_worker.conductor import Conductor
 from perago_worker.context import AttemptWorkspace, Cancelled, TaskContext
 from perago_worker.contract import (
@@ -281,26 +281,12 @@ class Attempt:
             metrics.BYTES.labels(task_type=spec.name, direction="down").inc(mstats.bytes)
             metrics.CACHE_HITS.labels(task_type=spec.name).inc(mstats.cached_files)
 
-            with self.phase("pre_check") as figures:
-                failures = run_checks(spec.pre, root)
-                figures["failed"] = len(failures)
-            if failures:
-                raise TaskFailure(
-                    FailureKind.PRE_CHECK,
-                    "input workspace failed: " + "; ".join(map(str, failures)),
-                )
+            self._checks("pre_check", spec.pre, FailureKind.PRE_CHECK, "input")
             ctx.check_cancelled()
             faultpoints.hit("handler.start")
             result = self._handle(params)
             ctx.check_cancelled()
-            with self.phase("post_check") as figures:
-                failures = run_checks(spec.post, root)
-                figures["failed"] = len(failures)
-            if failures:
-                raise TaskFailure(
-                    FailureKind.POST_CHECK,
-                    "output workspace failed: " + "; ".join(map(str, failures)),
-                )
+            self._checks("post_check", spec.post, FailureKind.POST_CHECK, "output")
             with self.phase("stage") as figures:
                 try:
                     changes = diff(manifest, scan(root))
@@ -405,6 +391,14 @@ class Attempt:
                 self._feed_cache(manifest, attempt_dir.root)
             attempt_dir.release(remove=succeeded or not settings.keep_failed_workspaces)
             ctx._workspace = None
+
+    def _checks(self, phase: str, checks: tuple[Check, ...], kind: FailureKind, side: str) -> None:
+        """Run every check (all failures named in one reason); checks never touch the result."""
+        with self.phase(phase) as figures:
+            failures = run_checks(checks, self.ctx.workspace.root)
+            figures["failed"] = len(failures)
+        if failures:
+            raise TaskFailure(kind, f"{side} workspace failed: " + "; ".join(map(str, failures)))
 
     def _feed_cache(self, manifest: Manifest, root: Path) -> None:
         """Untouched materialized files become cache entries (linked, not copied)."""

@@ -26,16 +26,9 @@ from conductor.client.http.models.task import Task
 from conductor.client.http.models.task_def import TaskDef
 from conductor.client.http.models.task_result import TaskResult
 from conductor.client.http.rest import ApiException
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
+from tenacity import Retrying
 
-from perago_worker.observability import metrics
+from perago_worker import retries
 
 T = TypeVar("T")
 TERMINAL_TASK_STATES = frozenset(
@@ -66,18 +59,8 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _count_retry(state: RetryCallState) -> None:
-    metrics.RETRIES.labels(server="conductor").inc()
-
-
 def retrying(max_seconds: float) -> Retrying:
-    return Retrying(
-        retry=retry_if_exception(is_transient),
-        wait=wait_exponential_jitter(initial=0.2, max=5.0),
-        stop=stop_after_delay(max_seconds) | stop_after_attempt(50),
-        before_sleep=_count_retry,
-        reraise=True,
-    )
+    return retries.policy("conductor", is_transient, max_seconds=max_seconds, max_attempts=50)
 
 
 @dataclass(frozen=True)

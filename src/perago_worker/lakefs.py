@@ -25,15 +25,9 @@ from typing import Any, TypeVar
 import lakefs_sdk
 import urllib3
 from lakefs_sdk.exceptions import ApiException
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
+from tenacity import Retrying
 
+from perago_worker import retries
 from perago_worker.observability import metrics
 
 BLOCK = 1 << 20
@@ -97,18 +91,8 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _count_retry(state: RetryCallState) -> None:
-    metrics.RETRIES.labels(server="lakefs").inc()
-
-
 def retrying(max_seconds: float = 60.0) -> Retrying:
-    return Retrying(
-        retry=retry_if_exception(is_transient),
-        wait=wait_exponential_jitter(initial=0.2, max=5.0),
-        stop=stop_after_delay(max_seconds) | stop_after_attempt(12),
-        before_sleep=_count_retry,
-        reraise=True,
-    )
+    return retries.policy("lakefs", is_transient, max_seconds=max_seconds, max_attempts=12)
 
 
 @dataclass(frozen=True)
@@ -334,7 +318,7 @@ class LakeFS:
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            _count_retry(None)  # type: ignore[arg-type]
+            metrics.RETRIES.labels(server="lakefs").inc()
         for attempt in retrying(self._retry_seconds):
             with attempt:
                 return fn()

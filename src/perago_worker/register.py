@@ -12,6 +12,7 @@ from typing import Any
 
 from conductor.client.http.models.schema_def import SchemaDef
 from conductor.client.http.models.task_def import TaskDef
+from pydantic import BaseModel
 
 from perago_worker.app import TaskSpec, Worker
 from perago_worker.contract import WorkspaceRef
@@ -43,22 +44,22 @@ def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     }
 
 
-def input_schema(spec: TaskSpec) -> dict[str, Any]:
-    props: dict[str, Any] = {"params": spec.params_model.model_json_schema()}
-    required = ["params"]
+def _envelope(spec: TaskSpec, payload: str, model: type[BaseModel]) -> dict[str, Any]:
+    """`{workspace?, <payload>}`: the workspace part only for workspace tasks."""
+    props: dict[str, Any] = {payload: model.model_json_schema()}
+    required = [payload]
     if spec.workspace is not None:
         props["workspace"] = WorkspaceRef.model_json_schema()
         required.insert(0, "workspace")
     return _object(props, required)
+
+
+def input_schema(spec: TaskSpec) -> dict[str, Any]:
+    return _envelope(spec, "params", spec.params_model)
 
 
 def output_schema(spec: TaskSpec) -> dict[str, Any]:
-    props: dict[str, Any] = {"result": spec.result_model.model_json_schema()}
-    required = ["result"]
-    if spec.workspace is not None:
-        props["workspace"] = WorkspaceRef.model_json_schema()
-        required.insert(0, "workspace")
-    return _object(props, required)
+    return _envelope(spec, "result", spec.result_model)
 
 
 def task_def_for(spec: TaskSpec, *, owner_email: str = DEFAULT_OWNER, retries: int = 3) -> TaskDef:

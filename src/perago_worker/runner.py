@@ -287,16 +287,15 @@ class Runner:
                 still_live=lambda: self.is_live(entry),
             )
             outcome = attempt.run()
-            if (
-                outcome.report
-                and not outcome.verified_live
-                and not ctx.cancelled
-                and not self.is_live(entry)
-            ):
+            if ctx.cancelled:
+                # Cancelled means the lease was lost (a zombie must not report: its update
+                # could overwrite the live attempt's) or the drain already reported it.
+                outcome.report = False
+            elif outcome.report and not outcome.verified_live and not self.is_live(entry):
                 outcome.report = False
             if outcome.report:
                 self._report(entry, outcome)
-            else:
+            elif not entry.reported:
                 ctx.log.warning("attempt.zombie", reason=ctx.cancel_reason or outcome.reason)
             metrics.TASKS.labels(
                 task_type=spec.name, status=outcome.status.value, kind=outcome.kind
