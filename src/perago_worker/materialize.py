@@ -54,6 +54,7 @@ def materialize(
     concurrency: int,
     cache: ObjectCache | None = None,
     cancelled: Callable[[], bool] = lambda: False,
+    small_object_threads: int = SMALL_OBJECT_THREADS,
 ) -> tuple[Manifest, MaterializeStats]:
     started = time.monotonic()
     stats = MaterializeStats()
@@ -103,7 +104,7 @@ def materialize(
     try:
         for page in lakefs.list_objects(repository, ref, prefix):
             big = any(obj.size >= SMALL_OBJECT for obj in page)
-            ensure_workers(concurrency if big else SMALL_OBJECT_THREADS)
+            ensure_workers(concurrency if big else small_object_threads)
             for obj in page:
                 if stop.is_set():
                     break

@@ -67,6 +67,8 @@ def stage(
     # Largest first: a few big files start at once instead of finishing last, alone.
     uploads.sort(key=lambda item: -item[1])
     if uploads:
+        # Unlike downloads, uploads of small objects wait on the server (measured: 2,000 x
+        # 16 KiB took 15 s with 2 threads, 3.2 s with 8, 2 s with 16 to 64): use them all.
         with ThreadPoolExecutor(min(concurrency, len(uploads)), thread_name_prefix="stage") as pool:
             list(pool.map(put, uploads))
     if changes.deleted:
