@@ -81,7 +81,6 @@ class Attempt:
         self.deps = deps
         self.log = ctx.log
         self.uid = uuid.uuid4().hex[:8]
-        self.timings: dict[str, float] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[dict[str, Any]]:
@@ -92,7 +91,6 @@ class Attempt:
             yield figures
         finally:
             seconds = time.monotonic() - started
-            self.timings[name] = seconds
             metrics.PHASE_SECONDS.labels(task_type=self.spec.name, phase=name).observe(seconds)
             self.log.info(f"{name}.done", seconds=round(seconds, 4), **figures)
 
