@@ -25,7 +25,7 @@ from perago_worker.cache import ObjectCache
 from perago_worker.changes import FileSignature, Manifest, ManifestEntry
 from perago_worker.contract import FailureKind, TaskFailure
 from perago_worker.lakefs import LakeFS, ObjectInfo
-from perago_worker.paths import TreeShape, UnsafeKey, contained, key_to_relative
+from perago_worker.paths import TreeShape, UnsafeKey, key_to_relative, local_path
 
 # Python threads share one interpreter lock: past a handful, more threads only add
 # contention for small objects. Large objects are I/O-bound and release it while waiting.
@@ -60,7 +60,6 @@ def materialize(
     stats = MaterializeStats()
     manifest: Manifest = {}
     shape = TreeShape()
-    root_resolved = root.resolve()
     safe_dirs: set[Path] = {root}
     lock = threading.Lock()
     jobs: queue.Queue[Job | None] = queue.Queue(maxsize=concurrency * 4)
@@ -110,9 +109,7 @@ def materialize(
                     break
                 if cancelled():
                     raise TaskFailure(FailureKind.ABORTED, "cancelled while materializing")
-                rel, dest = _place(
-                    obj.key, prefix, root, root_resolved, shape, safe_dirs, repository, ref
-                )
+                rel, dest = _place(obj.key, prefix, root, shape, safe_dirs, repository, ref)
                 jobs.put((obj, rel, dest))
             if stop.is_set():
                 break
@@ -136,7 +133,6 @@ def _place(
     key: str,
     prefix: str,
     root: Path,
-    root_resolved: Path,
     shape: TreeShape,
     safe_dirs: set[Path],
     repository: str,
@@ -150,8 +146,10 @@ def _place(
         parent = dest.parent
         if parent not in safe_dirs:
             parent.mkdir(parents=True, exist_ok=True)
-            if not contained(root_resolved, parent):
-                raise UnsafeKey(key, f"resolves outside the workspace root {root}")
+            try:
+                local_path(root, rel.parent)
+            except UnsafeKey:
+                raise UnsafeKey(key, f"resolves outside the workspace root {root}") from None
             safe_dirs.add(parent)
         return rel, dest
     except UnsafeKey as exc:

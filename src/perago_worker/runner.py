@@ -19,7 +19,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
 
 from conductor.client.http.models.task import Task
 from conductor.client.http.models.task_result import TaskResult
@@ -41,7 +40,6 @@ class Lifecycle:
         self.state = "starting"
         self.preflight_ok = False
         self.last_poll: float | None = None
-        self.detail: dict[str, Any] = {}
         metrics.set_state(self.state)
 
     def set(self, state: str) -> None:
