@@ -1,7 +1,8 @@
 """One attempt of one task, end to end, composed from the pipeline's pieces.
 
-    validate -> (adopt?) -> materialize -> pre-check -> handler -> post-check
-             -> stage -> attempt fence -> publish fence -> merge -> outcome
+    validate -> execution -> (published or claimed? adopt) -> materialize -> pre-check
+             -> handler -> post-check -> stage -> attempt fence -> claim
+             -> (history + attempt fence, before every merge request) merge -> outcome
 
 Every failure becomes a `TaskFailure` of a known kind; the runner turns the outcome into a
 Conductor update (or, for a zombie, into silence).
@@ -39,7 +40,9 @@ from perago_worker.contract import (
     describe_validation_error,
     parse_input,
 )
-from perago_worker.lakefs import Conflict, LakeFS, NotFound
+from perago_worker.execution import Execution, published, resolve
+from perago_worker.fences import Incarnation, LineageError, Target
+from perago_worker.lakefs import Conflict, HookRejected, LakeFS, NotFound
 from perago_worker.materialize import materialize
 from perago_worker.observability import metrics
 from perago_worker.paths import relative_to_key
@@ -65,6 +68,11 @@ class Outcome:
     verified_live: bool = False  # the attempt fence passed just now, with nothing after it
 
 
+def _zombie(reason: str) -> Outcome:
+    """A superseded attempt's end: it must not report (its update could overwrite the live one)."""
+    return Outcome(Status.FAILED, reason=reason, kind="zombie", report=False)
+
+
 class Attempt:
     def __init__(
         self,
@@ -73,8 +81,12 @@ class Attempt:
         ctx: TaskContext,
         deps: Deps,
         still_live: Callable[[], bool] = lambda: True,
+        incarnation: Incarnation | None = None,
     ) -> None:
         self.spec = spec
+        # Which scheduling of the task this delivery is (see `fences`); without a poll
+        # (tests driving an attempt directly) the task id alone stands for it.
+        self.incarnation = incarnation or Incarnation(ctx.task_id, ctx.retry_count, 0, 0)
         self.still_live = still_live  # the attempt fence, asked just before merging
         self.raw_input = raw_input
         self.ctx = ctx
@@ -206,6 +218,7 @@ class Attempt:
             "perago.retry_count": str(ctx.retry_count),
             "perago.attempt": str(ctx.poll_count),
             "perago.worker_id": ctx.worker_id,
+            fences.META_TOKEN: ctx.delivery_token,
             "perago.input_ref": ws.ref,
             "perago.environment": ctx.environment,
             "perago.version": __version__,
@@ -223,21 +236,26 @@ class Attempt:
         deps, ctx, spec = self.deps, self.ctx, self.spec
         assert spec.workspace is not None
         prefix = spec.workspace.key_prefix
-        key = fences.publish_key(ctx.workflow_id, ctx.reference_name, spec.name, ws.ref, raw_params)
         provenance = self._provenance(ws)
         message = f"perago: {spec.name} ({ctx.reference_name}) in workflow {ctx.workflow_id}"
 
-        # A retry after a crash between merge and report, or a re-delivery, finds the intent
-        # of the earlier attempt: finish it rather than run the handler again.
         with self.phase("fence") as figures:
-            adopted = publish.adopt(deps.lakefs, ws.repository, ws.branch, key, message, provenance)
-            figures["adopted"] = adopted is not None
-        if adopted is not None:
-            metrics.FENCE_REJECTIONS.labels(
-                task_type=spec.name, fence="publish", kind="adopted_before_run"
-            ).inc()
-            self.log.info("publish.adopted", ref=adopted.ref, merged_now=adopted.merged)
-            return self._output(ws, adopted.ref, adopted.result)
+            execution = self._execution(ws, prefix)
+            figures["execution"] = execution.key[:16]
+            # A retry after a crash between merge and report, or a re-delivery, finds the
+            # execution's merge (or its claimed, unmerged commit): finish it, don't rerun.
+            record = execution.published or published(deps.lakefs, execution)
+            claimed = (
+                None if record is not None else publish.existing_intent(deps.lakefs, execution)
+            )
+            figures["adopted"] = record is not None or claimed is not None
+        if record is not None:
+            self._adopted("published_before_run", record.commit_id, merged=False)
+            result = publish.result_of(deps.lakefs, ws.repository, record.staged_commit)
+            return self._output(ws, record.commit_id, result)
+        if claimed is not None:
+            faultpoints.hit("adopt.merging")
+            return self._publish(execution, ws, claimed, message, provenance, adopted=True)
 
         settings = deps.settings
         if free_bytes(settings.scratch_root) < settings.min_free_disk_mb * 1024 * 1024:
@@ -313,7 +331,7 @@ class Attempt:
                         message,
                         {
                             **provenance,
-                            fences.META_KEY: key,
+                            fences.META_EXECUTION: execution.key,
                             fences.META_RESULT: publish.result_metadata(result),
                         },
                     )
@@ -329,58 +347,25 @@ class Attempt:
             if changes.empty:
                 # Nothing to publish: no commit, no merge; the output ref is the input ref.
                 if not self.still_live():
-                    return Outcome(
-                        Status.FAILED, reason="attempt lost its lease", kind="zombie", report=False
-                    )
+                    return _zombie("attempt lost its lease")
                 succeeded = True
                 outcome = self._output(ws, ws.ref, result)
                 outcome.verified_live = True
                 return outcome
 
             with self.phase("fence") as figures:
-                if ctx.cancelled or not self.still_live():
+                if not self._fence():
                     figures["verdict"] = "zombie"
-                    return Outcome(
-                        Status.FAILED,
-                        reason="attempt lost its lease before merging",
-                        kind="zombie",
-                        report=False,
-                    )
-                owner = publish.claim(deps.lakefs, ws.repository, key, staged)
-                figures["claimed"] = owner
-            with self.phase("merge") as figures:
-                if not owner:
-                    metrics.FENCE_REJECTIONS.labels(
-                        task_type=spec.name, fence="publish", kind="adopted_race"
-                    ).inc()
-                    adopted = publish.adopt(
-                        deps.lakefs, ws.repository, ws.branch, key, message, provenance
-                    )
-                    assert adopted is not None
-                    figures.update(adopted=True, ref=adopted.ref)
-                    succeeded = True
-                    return self._output(ws, adopted.ref, adopted.result)
-                try:
-                    ref, _ = publish.merge_intent(
-                        deps.lakefs, ws.repository, ws.branch, key, staged, message, provenance
-                    )
-                except Conflict as exc:
-                    deps.lakefs.delete_branch(ws.repository, fences.intent_branch(key))
-                    ours = [relative_to_key(f.rel, prefix) for f in changes.uploads] + [
-                        relative_to_key(r, prefix) for r in changes.deleted
-                    ]
-                    paths = publish.conflicting_paths(
-                        deps.lakefs, ws.repository, ws.ref, ws.branch, ours
-                    )
-                    raise TaskFailure(
-                        FailureKind.MERGE_CONFLICT,
-                        f"merging into branch {ws.branch!r} conflicts on "
-                        f"{', '.join(paths) or '(paths not reported)'} ({exc.message}); nothing was published",
-                    ) from None
-                figures["ref"] = ref
-            faultpoints.hit("merge.done")
-            succeeded = True
-            return self._output(ws, ref, result)
+                    return _zombie("attempt lost its lease before merging")
+            faultpoints.hit("fence.passed")
+            ours = [relative_to_key(f.rel, prefix) for f in changes.uploads] + [
+                relative_to_key(r, prefix) for r in changes.deleted
+            ]
+            outcome = self._publish(
+                execution, ws, staged, message, provenance, adopted=False, ours=ours
+            )
+            succeeded = outcome.status == Status.COMPLETED
+            return outcome
         finally:
             if staged_branch_made:
                 with contextlib.suppress(Exception):
@@ -389,6 +374,122 @@ class Attempt:
                 self._feed_cache(manifest, attempt_dir.root)
             attempt_dir.release(remove=succeeded or not settings.keep_failed_workspaces)
             ctx._workspace = None
+
+    def _execution(self, ws: WorkspaceRef, prefix: str) -> Execution:
+        ctx, deps = self.ctx, self.deps
+        try:
+            return resolve(
+                deps.conductor,
+                deps.lakefs,
+                workflow_id=ctx.workflow_id,
+                reference_name=ctx.reference_name,
+                task_type=self.spec.name,
+                target=Target(ws.repository, ws.branch, prefix),
+                incarnation=self.incarnation,
+                input_ref=ws.ref,
+                clock_skew_seconds=deps.settings.clock_skew_seconds,
+            )
+        except LineageError as exc:
+            raise TaskFailure(
+                FailureKind.INFRASTRUCTURE, f"cannot tell which execution this is: {exc}"
+            ) from None
+
+    def _fence(self) -> bool:
+        """Cancellation and the attempt fence (a Conductor read-back), in that order."""
+        return not self.ctx.cancelled and self.still_live()
+
+    def _adopted(self, kind: str, ref: str, *, merged: bool) -> None:
+        metrics.FENCE_REJECTIONS.labels(task_type=self.spec.name, fence="publish", kind=kind).inc()
+        self.log.info("publish.adopted", ref=ref, merged_now=merged, kind=kind)
+
+    def _publish(
+        self,
+        execution: Execution,
+        ws: WorkspaceRef,
+        staged: str,
+        message: str,
+        provenance: dict[str, str],
+        *,
+        adopted: bool,
+        ours: list[str] | None = None,
+    ) -> Outcome:
+        """Claim the execution's publish (unless adopting one) and merge it exactly once."""
+        deps, ctx = self.deps, self.ctx
+        if not ctx.begin_publish():
+            return _zombie(ctx.cancel_reason or "attempt cancelled before publishing")
+        meta = {
+            **provenance,
+            fences.META_SLOT: execution.slot,
+            fences.META_ROOT_TASK: execution.root.task_id,
+            fences.META_ROOT_RETRY: str(execution.root.retry_count),
+        }
+        with self.phase("claim") as figures:
+            if not adopted:
+                claimed = publish.claim(deps.lakefs, execution, staged)
+                adopted = claimed != staged
+                staged = claimed
+            figures["adopted"] = adopted
+        if adopted:
+            ours = None  # not our change set: conflicts are reported from the claimed commit
+        faultpoints.hit("claim.done")
+        merge_figures = publish.MergeFigures()
+        with self.phase("merge") as figures:
+            try:
+                ref, merged = publish.merge_once(
+                    deps.lakefs,
+                    execution,
+                    staged,
+                    message,
+                    meta,
+                    fence=self._fence,
+                    retry_seconds=deps.settings.merge_retry_seconds,
+                    figures=merge_figures,
+                )
+            except publish.NotLive:
+                figures["verdict"] = "zombie"
+                return _zombie("attempt lost its lease immediately before merging")
+            except Conflict as exc:
+                publish.release_intent(deps.lakefs, execution)
+                raise TaskFailure(
+                    FailureKind.MERGE_CONFLICT, self._conflict(ws, exc, ours, adopted)
+                ) from None
+            except HookRejected as exc:
+                publish.release_intent(deps.lakefs, execution)
+                raise TaskFailure(
+                    FailureKind.MERGE_REJECTED,
+                    f"a lakeFS hook on branch {ws.branch!r} refused the merge: {exc.message}; "
+                    "nothing was published",
+                ) from None
+            figures.update(
+                ref=ref,
+                merged=merged,
+                tries=merge_figures.tries,
+                fence_to_merge_ms=round(merge_figures.fence_to_merge_ms, 2),
+            )
+        if merged:
+            metrics.FENCE_WINDOW.labels(task_type=self.spec.name).observe(
+                merge_figures.fence_to_merge_ms / 1000
+            )
+        if adopted or not merged:
+            self._adopted("adopted_claim" if adopted else "published_meanwhile", ref, merged=merged)
+        faultpoints.hit("merge.done")
+        result = publish.result_of(deps.lakefs, ws.repository, staged)
+        return self._output(ws, ref, result)
+
+    def _conflict(
+        self, ws: WorkspaceRef, exc: Conflict, ours: list[str] | None, adopted: bool
+    ) -> str:
+        who = "the publish claimed by an earlier attempt" if adopted else "merging"
+        paths = (
+            publish.conflicting_paths(self.deps.lakefs, ws.repository, ws.ref, ws.branch, ours)
+            if ours
+            else []
+        )
+        where = f" on {', '.join(paths)}" if paths else ""
+        return (
+            f"{who} into branch {ws.branch!r} conflicts{where} ({exc.message}); "
+            "nothing was published"
+        )
 
     def _checks(self, phase: str, checks: tuple[Check, ...], kind: FailureKind, side: str) -> None:
         """Run every check (all failures named in one reason); checks never touch the result."""

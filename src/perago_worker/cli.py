@@ -58,6 +58,7 @@ def clients(settings: Settings) -> tuple[LakeFS, Conductor]:
             if settings.conductor.auth_secret
             else None
         ),
+        request_timeout=settings.conductor.request_timeout_seconds,
     )
     return lakefs, conductor
 
@@ -224,10 +225,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
             print(f"{verb} {label} {item}")
     for item in report.kept_live:
         print(f"kept (live) {item}")
+    for item in report.unverifiable:
+        reason = report.unverifiable_reasons.get(item, "")
+        print(f"kept (unverifiable) {item}" + (f": {reason}" if reason else ""))
     print(
         f"{verb}: {len(report.attempt_dirs)} attempt folder(s), "
         f"{len(report.staging_branches)} staging branch(es), "
-        f"{len(report.intent_branches)} intent branch(es)"
+        f"{len(report.intent_branches)} intent branch(es); "
+        f"kept {len(report.kept_live)} live, {len(report.unverifiable)} unverifiable"
     )
     return 0
 

@@ -65,12 +65,21 @@ def retrying(max_seconds: float) -> Retrying:
 
 @dataclass(frozen=True)
 class TaskState:
-    """What `GET /api/tasks/{id}` says about a task: the truth the fences rely on."""
+    """What `GET /api/tasks/{id}` says about a task: the truth the fences rely on.
+
+    The last four fields are the task's *incarnation* (see `fences.Incarnation`): together
+    with `retried_task_id` they say which logical execution a delivery belongs to.
+    """
 
     task_id: str
     status: str
     worker_id: str | None
     poll_count: int
+    retry_count: int = 0
+    scheduled_time: int = 0
+    start_time: int = 0
+    retried_task_id: str = ""
+    workflow_id: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -85,6 +94,7 @@ class Conductor:
         auth_key: str | None = None,
         auth_secret: str | None = None,
         retry_seconds: float = 30.0,
+        request_timeout: float = 10.0,
     ) -> None:
         auth = AuthenticationSettings(auth_key, auth_secret) if auth_key and auth_secret else None
         config = Configuration(server_api_url=url.rstrip("/"), authentication_settings=auth)
@@ -94,10 +104,14 @@ class Conductor:
         self.metadata = MetadataResourceApi(self._client)
         self.workflows = WorkflowResourceApi(self._client)
         self._retry_seconds = retry_seconds
+        # Every request is bounded: the SDK's own default is 120 s, and a fence read that
+        # hangs is a window in which a superseded attempt could still act.
+        self.request_timeout = request_timeout
 
     def call(
         self, fn: Callable[..., T], *args: Any, retry_seconds: float | None = None, **kwargs: Any
     ) -> T:
+        kwargs.setdefault("_request_timeout", self.request_timeout)
         try:
             for attempt in retrying(
                 self._retry_seconds if retry_seconds is None else retry_seconds
@@ -114,7 +128,14 @@ class Conductor:
         self, task_type: str, worker_id: str, domain: str | None, count: int, timeout_ms: int
     ) -> list[Task]:
         """One long poll (no retry here: the poll loop owns the backoff)."""
-        kwargs: dict[str, Any] = {"workerid": worker_id, "count": count, "timeout": timeout_ms}
+        kwargs: dict[str, Any] = {
+            "workerid": worker_id,
+            "count": count,
+            "timeout": timeout_ms,
+            # The long poll itself may take `timeout_ms`; past that plus the request timeout
+            # the server is not answering.
+            "_request_timeout": timeout_ms / 1000 + self.request_timeout,
+        }
         if domain:
             kwargs["domain"] = domain
         try:
@@ -144,7 +165,17 @@ class Conductor:
             raise
         if task is None:
             return None
-        return TaskState(task.task_id, str(task.status), task.worker_id, int(task.poll_count or 0))
+        return TaskState(
+            task_id=str(task.task_id),
+            status=str(task.status),
+            worker_id=task.worker_id,
+            poll_count=int(task.poll_count or 0),
+            retry_count=int(task.retry_count or 0),
+            scheduled_time=int(task.scheduled_time or 0),
+            start_time=int(task.start_time or 0),
+            retried_task_id=str(task.retried_task_id or ""),
+            workflow_id=str(task.workflow_instance_id or ""),
+        )
 
     # -- metadata and workflows (CLI, demo, tests) -----------------------------------------
 

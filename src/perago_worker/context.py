@@ -43,11 +43,14 @@ class TaskContext:
     poll_count: int
     worker_id: str
     environment: str
+    delivery_token: str = ""  # the workerId this delivery was polled with (see fences)
     _workspace: AttemptWorkspace | None = None
     _config: Callable[[str], str] | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
     log: Any = None
+    _publishing: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def workspace(self) -> AttemptWorkspace:
@@ -72,9 +75,37 @@ class TaskContext:
             raise Cancelled(self.cancel_reason or "attempt cancelled")
 
     def cancel(self, reason: str) -> None:
+        with self._lock:
+            self._cancel(reason)
+
+    def _cancel(self, reason: str) -> None:
         if not self.cancel_event.is_set():
             self.cancel_reason = reason
             self.cancel_event.set()
+
+    def begin_publish(self) -> bool:
+        """Enter the publish section (claim and merge), unless already cancelled.
+
+        Mutually exclusive with `cancel_unless_publishing`: either the drain gives up on
+        the attempt (which then never merges) or the attempt publishes and the drain waits.
+        """
+        with self._lock:
+            if self.cancel_event.is_set():
+                return False
+            self._publishing = True
+            return True
+
+    def cancel_unless_publishing(self, reason: str) -> bool:
+        """Cancel the attempt if it has not begun to publish; True when it was cancelled."""
+        with self._lock:
+            if self._publishing:
+                return False
+            self._cancel(reason)
+            return True
+
+    @property
+    def publishing(self) -> bool:
+        return self._publishing
 
     def config(self, key: str) -> str:
         """Static configuration or a secret of the current environment (`handler_config`)."""

@@ -4,8 +4,9 @@
 first time it reaches that point, exactly as a crash or an OOM kill would, so tests can
 prove what survives a death at every phase boundary. Unset (always, in production) a hit is
 one set lookup. Points: poll.received, materialize.object, handler.start,
-stage.committed, merge.done; `lease.disabled` stops lease extensions
-(to make a zombie).
+stage.committed, fence.passed (attempt fence passed, nothing claimed), claim.done (intent
+created, no merge sent), adopt.merging (an adopting attempt about to merge a claimed
+commit), merge.done; `lease.disabled` stops lease extensions (to make a zombie).
 """
 
 from __future__ import annotations

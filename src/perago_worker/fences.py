@@ -1,42 +1,57 @@
-"""The attempt fence and the publish fence.
+"""The attempt fence, the delivery token, the execution identity and the publish fence (pure).
 
-Attempt fence: just before merging (and again before reporting), Conductor must still show
-this task id IN_PROGRESS, held by this worker id, with the poll count this attempt saw. A
-task that timed out, was cancelled, or was polled again (re-delivered) belongs to someone
-else now; the zombie publishes and reports nothing.
+Conductor delivers a task at least once and recomputes a retry's input, so neither the
+input nor the task id alone says which *logical execution* an attempt belongs to. The rules
+here are read from Conductor 3.32's own model (`WorkflowExecutorOps`, `ExecutionService`);
+docs/fences.md has the table of cases.
 
-Publish fence: at most one merge per logical task execution. The key is
-
-    sha256(workflow id, task reference name, task type, input ref, canonical params)
-
-Conductor gives a retry a new task id but the same reference name, so every attempt of one
-logical execution shares the key; a different input ref or different params is a different
-execution. lakeFS has no compare-and-swap on merge, but branch creation is atomic, so the
-claim is a hidden *intent branch* named from the key and created at the staged commit just
-before the merge. Whoever creates it owns the publish; anyone else (a racing attempt, a retry
-after a crash between merge and report, a re-delivery) adopts it: it merges the intent's
-commit (a second merge of the same commit is a no-op lakeFS answers "no changes") and
-returns the merge commit it finds on the target branch together with the result stored in
-the staged commit's metadata. A workflow rerun or restart keeps its workflow id and
-reference names, so with the same input ref and params it adopts the earlier publish
-instead of merging again; change the input or the params to publish anew.
+* An **incarnation** is one scheduling of one task id: (task id, retryCount, scheduledTime,
+  startTime). A re-delivery of the same scheduling keeps all four (a poll sets startTime only
+  when it is 0). Rerun-from-task resets scheduledTime and startTime on the same task id and
+  keeps retryCount; a rerun's sibling reset sets a new startTime; a retry either makes a new
+  task id with `retriedTaskId` (and retryCount + 1) or, for the cancelled siblings a parent
+  retry revives, keeps the task id and bumps retryCount.
+* An **execution** is a chain of incarnations linked by retries. Its root is found by
+  following `retriedTaskId` to a task that has none (`root_of`). A root that kept its task id
+  through a retry (retryCount > 0, no `retriedTaskId`) continues the newest earlier
+  execution published for that task id with a lower retryCount (`same_id_predecessor`).
+* The **execution key** hashes the *slot* (workflow id, reference name, task type,
+  repository, branch, prefix) and the root incarnation. So every retry and re-delivery
+  shares it whatever its input says; a restart, a rerun or a rerun's sibling reset is a new
+  root, hence a new execution; two targets never share one.
+* The **delivery token** is the `workerId` the worker sent with the poll that delivered
+  the attempt: the worker id plus a nonce drawn per poll request. Conductor stores it on the
+  task, and no later delivery (another poll, by any worker, of any incarnation) carries it.
+  The attempt fence compares it, so an attempt superseded by *any* later poll is dead.
+* The **publish fence** is an intent branch named from the execution key, created
+  atomically at the staged commit (whoever creates it owns the publish), *plus* the target
+  branch's own history: every merge commit carries the execution key, and no merge is sent
+  before the history since the execution began shows none for the key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
+import secrets
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from perago_worker.conductor import TaskState
 
 INTENT_PREFIX = "perago-intent-"
 STAGING_PREFIX = "perago-stage-"
-META_KEY = "perago.publish_key"
+META_EXECUTION = "perago.execution"
+META_SLOT = "perago.slot"
+META_ROOT_TASK = "perago.root_task_id"
+META_ROOT_RETRY = "perago.root_retry_count"
+META_TOKEN = "perago.token"  # noqa: S105 (a metadata key, not a secret)
 META_STAGED = "perago.staged_commit"
 META_RESULT = "perago.result"
+TOKEN_SEPARATOR = "#"  # noqa: S105
 
 
 @dataclass(frozen=True)
@@ -46,14 +61,23 @@ class Verdict:
     reason: str = ""
 
 
-def attempt_verdict(state: TaskState | None, worker_id: str, poll_count: int) -> Verdict:
-    """Pure: may an attempt that polled the task with `poll_count` still act on it?"""
+def delivery_token(worker_id: str, nonce: str | None = None) -> str:
+    """The `workerId` to poll with: unique per poll request, so per delivery."""
+    return f"{worker_id}{TOKEN_SEPARATOR}{nonce or secrets.token_hex(6)}"
+
+
+def attempt_verdict(state: TaskState | None, token: str, poll_count: int) -> Verdict:
+    """Pure: may the attempt delivered with `token` (and `poll_count`) still act on its task?"""
     if state is None:
         return Verdict(False, "gone", "Conductor no longer knows the task")
     if state.status != "IN_PROGRESS":
         return Verdict(False, "not_in_progress", f"task is {state.status}")
-    if state.worker_id != worker_id:
-        return Verdict(False, "other_worker", f"task is held by worker {state.worker_id!r}")
+    if state.worker_id != token:
+        return Verdict(
+            False,
+            "superseded",
+            f"task was delivered again (held by {state.worker_id!r}, this attempt is {token!r})",
+        )
     if state.poll_count != poll_count:
         return Verdict(
             False,
@@ -63,21 +87,174 @@ def attempt_verdict(state: TaskState | None, worker_id: str, poll_count: int) ->
     return Verdict(True)
 
 
-def publish_key(
-    workflow_id: str, reference_name: str, task_type: str, input_ref: str, params: dict[str, Any]
-) -> str:
+# -- execution identity ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Incarnation:
+    """One scheduling of one task id, as `GET /api/tasks/{id}` or a poll shows it."""
+
+    task_id: str
+    retry_count: int
+    scheduled_time: int
+    start_time: int
+    retried_task_id: str = ""
+
+    @classmethod
+    def of(cls, task: Any) -> Incarnation:
+        """From a conductor-python `Task` (the poll's or a read-back's)."""
+        return cls(
+            task_id=str(task.task_id),
+            retry_count=int(task.retry_count or 0),
+            scheduled_time=int(task.scheduled_time or 0),
+            start_time=int(task.start_time or 0),
+            retried_task_id=str(task.retried_task_id or ""),
+        )
+
+
+@dataclass(frozen=True)
+class Target:
+    repository: str
+    branch: str
+    prefix: str
+
+
+class LineageError(Exception):
+    """The `retriedTaskId` chain is not a chain (a cycle, a broken link, too deep)."""
+
+
+def _digest(*parts: Any) -> str:
     # JSON-encoding the whole tuple keeps field boundaries unambiguous whatever they contain.
-    material = json.dumps(
-        [workflow_id, reference_name, task_type, input_ref, params],
-        sort_keys=True,
-        separators=(",", ":"),
-        default=str,
-    )
+    material = json.dumps(list(parts), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(material.encode()).hexdigest()
 
 
-def intent_branch(key: str) -> str:
-    return f"{INTENT_PREFIX}{key[:48]}"
+def slot_key(workflow_id: str, reference_name: str, task_type: str, target: Target) -> str:
+    """What every execution of one task in one workflow run, for one target, shares."""
+    return _digest(
+        "slot", workflow_id, reference_name, task_type, target.repository, target.branch,
+        target.prefix,
+    )  # fmt: skip
+
+
+def root_of(chain: Sequence[Incarnation], *, max_depth: int = 1000) -> Incarnation:
+    """Pure: the root of a retry chain `[attempt, retried, retried's retried, ...]`.
+
+    Each element must be the task the previous one's `retriedTaskId` names; the last must
+    name none. A chain that loops or breaks is refused (a corrupt or foreign read-back must
+    not silently become a new execution that merges again).
+    """
+    if not chain:
+        raise LineageError("empty retry chain")
+    if len(chain) > max_depth:
+        raise LineageError(f"retry chain deeper than {max_depth}")
+    seen: set[str] = set()
+    for here, there in itertools.pairwise(chain):
+        if here.task_id in seen:
+            raise LineageError(f"retry chain loops at task {here.task_id}")
+        seen.add(here.task_id)
+        if here.retried_task_id != there.task_id:
+            raise LineageError(
+                f"task {here.task_id} retries {here.retried_task_id!r}, not {there.task_id}"
+            )
+    root = chain[-1]
+    if root.retried_task_id:
+        raise LineageError(f"retry chain stops before its root (at {root.task_id})")
+    if root.task_id in seen:
+        raise LineageError(f"retry chain loops at task {root.task_id}")
+    return root
+
+
+def execution_key(slot: str, root: Incarnation) -> str:
+    """The identity of the execution whose root incarnation is `root`, in `slot`."""
+    return _digest(
+        "execution", slot, root.task_id, root.retry_count, root.scheduled_time, root.start_time
+    )
+
+
+@dataclass(frozen=True)
+class PublishRecord:
+    """What a merge commit on a target says about the execution that made it."""
+
+    commit_id: str
+    execution: str
+    slot: str
+    root_task_id: str
+    root_retry_count: int
+    staged_commit: str
+
+    @classmethod
+    def parse(cls, commit_id: str, metadata: dict[str, str]) -> PublishRecord | None:
+        """A perago merge commit's record, or None for any other commit."""
+        execution = metadata.get(META_EXECUTION)
+        staged = metadata.get(META_STAGED)
+        if not execution or not staged:
+            return None  # not a merge commit of ours (a staged commit carries no META_STAGED)
+        try:
+            root_retry = int(metadata.get(META_ROOT_RETRY, "0"))
+        except ValueError:
+            root_retry = 0
+        return cls(
+            commit_id=commit_id,
+            execution=execution,
+            slot=metadata.get(META_SLOT, ""),
+            root_task_id=metadata.get(META_ROOT_TASK, ""),
+            root_retry_count=root_retry,
+            staged_commit=staged,
+        )
+
+
+def same_id_predecessor(
+    records: Iterable[PublishRecord], slot: str, root: Incarnation
+) -> PublishRecord | None:
+    """Pure: the earlier execution a same-task-id retry continues, newest first.
+
+    Only a root that kept its task id through a retry (retryCount > 0 and no
+    `retriedTaskId`: a parent retry reviving a cancelled sibling) continues anything; the
+    records must be given newest first (the target's first-parent log order).
+    """
+    if root.retry_count == 0 or root.retried_task_id:
+        return None
+    for record in records:
+        if (
+            record.slot == slot
+            and record.root_task_id == root.task_id
+            and record.root_retry_count < root.retry_count
+        ):
+            return record
+    return None
+
+
+def find_publish(records: Iterable[PublishRecord], execution: str) -> PublishRecord | None:
+    """Pure: the merge that published `execution`, if the records hold one."""
+    for record in records:
+        if record.execution == execution:
+            return record
+    return None
+
+
+class _Dated(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def creation_date(self) -> int: ...
+
+
+def history_ends(commit: _Dated, *, input_ref: str, not_before: float) -> bool:
+    """Pure: may a newest-first first-parent walk stop at `commit`?
+
+    An execution's merge lands after its input commit and after its root was scheduled, so
+    the walk ends at the input commit (if it is on the first-parent chain) or at the first
+    commit older than `not_before` (the root's scheduled time less the allowed clock skew).
+    """
+    return commit.id == input_ref or commit.creation_date < not_before
+
+
+# -- branch names --------------------------------------------------------------------------
+
+
+def intent_branch(execution: str) -> str:
+    return f"{INTENT_PREFIX}{execution[:48]}"
 
 
 def staging_branch(task_id: str, attempt_uid: str, created: float) -> str:
@@ -98,13 +275,3 @@ def parse_staging_branch(name: str) -> tuple[str, float] | None:
     if match is None:
         return None
     return match.group("task"), float(int(match.group("created"), 16))
-
-
-def find_merge_commit(log: list[Any], key: str, staged_commit: str) -> str | None:
-    """Pure: the merge commit on the target that landed `staged_commit` for `key`, if any."""
-    for commit in log:
-        if commit.metadata.get(META_KEY) == key and (
-            staged_commit in commit.parents or commit.metadata.get(META_STAGED) == staged_commit
-        ):
-            return str(commit.id)
-    return None

@@ -49,6 +49,13 @@ class Conflict(LakeFSError):
     pass
 
 
+class HookRejected(LakeFSError):
+    """A lakeFS action hook (pre-merge, pre-commit, ...) failed: lakeFS answers 412.
+
+    Not a conflict: the data may merge cleanly, a policy the repository runs refused it.
+    """
+
+
 class NoChanges(LakeFSError):
     """A commit or merge found nothing to do (lakeFS answers 400)."""
 
@@ -72,8 +79,10 @@ def translate(status: int, body: Any) -> LakeFSError:
     message = _message(body)
     if status == 404:
         return NotFound(status, message)
-    if status == 409 or status == 412:
+    if status == 409:
         return Conflict(status, message)
+    if status == 412:
+        return HookRejected(status, message)
     if status in (401, 403):
         return Unauthorized(status, message)
     if status == 400 and "no changes" in message.lower():
@@ -201,6 +210,7 @@ class LakeFS:
         self.objects = lakefs_sdk.ObjectsApi(self._client)
         self._data = DataPlane(self.endpoint, access_key_id, secret_access_key, timeout)
         self._retry_seconds = retry_seconds
+        self.request_timeout = timeout
 
     def _auth_api(self) -> lakefs_sdk.AuthApi:
         return lakefs_sdk.AuthApi(self._client)
@@ -211,8 +221,18 @@ class LakeFS:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run an SDK call with the retry policy, translating 4xx answers."""
+    def call(self, fn: Callable[..., T], *args: Any, retry: bool = True, **kwargs: Any) -> T:
+        """Run an SDK call with the retry policy (unless `retry=False`), translating 4xx.
+
+        Every request carries the request timeout: the generated SDK sets none, so a
+        stalled socket would otherwise hang a fence-to-merge window forever.
+        """
+        kwargs.setdefault("_request_timeout", self.request_timeout)
+        if not retry:
+            try:
+                return fn(*args, **kwargs)
+            except ApiException as exc:
+                raise translate(exc.status or 0, exc.body) from None
         try:
             for attempt in retrying(self._retry_seconds):
                 with attempt:
@@ -419,19 +439,29 @@ class LakeFS:
         )
 
     def merge(
-        self, repository: str, source: str, destination: str, message: str, metadata: dict[str, str]
+        self,
+        repository: str,
+        source: str,
+        destination: str,
+        message: str,
+        metadata: dict[str, str],
+        *,
+        allow_empty: bool = False,
+        retry: bool = True,
     ) -> str:
         """Merge `source` into `destination`; return the new head (the merge's `reference`).
 
-        429 (lakeFS gave up retrying a contended head) is transient and retried here; 409 is
-        a conflict and `NoChanges` means the source is already merged.
+        With `retry=False` a transient answer (429, 5xx, a timeout) is raised, not retried:
+        the publish fence retries merges itself, re-checking its fences before each one.
+        409 is a conflict, 412 a hook's refusal, `NoChanges` nothing to merge.
         """
         result = self.call(
             self.refs.merge_into_branch,
             repository,
             source,
             destination,
-            merge=lakefs_sdk.Merge(message=message, metadata=metadata),
+            merge=lakefs_sdk.Merge(message=message, metadata=metadata, allow_empty=allow_empty),
+            retry=retry,
         )
         return str(result.reference)
 
@@ -442,6 +472,25 @@ class LakeFS:
             self.refs.log_commits, repository, ref, amount=amount, first_parent=first_parent
         )
         return [_commit(c) for c in page.results]
+
+    def walk_log(
+        self, repository: str, ref: str, *, page_size: int = 100, first_parent: bool = True
+    ) -> Iterator[CommitInfo]:
+        """Commits of `ref`, newest first, fetched a page at a time as the caller reads."""
+        after = ""
+        while True:
+            page = self.call(
+                self.refs.log_commits,
+                repository,
+                ref,
+                after=after,
+                amount=page_size,
+                first_parent=first_parent,
+            )
+            yield from (_commit(c) for c in page.results)
+            if not page.pagination.has_more:
+                return
+            after = page.pagination.next_offset
 
     def create_repository(
         self, name: str, storage_namespace: str, default_branch: str = "main"

@@ -3,12 +3,14 @@
 All writes go to the staging branch created from the input commit; the merge into the
 target branch is the single atomic step that makes anything visible there. The merge goes
 through the publish fence (see `fences`): the staged commit is claimed by an intent branch,
-and whoever finds an intent merges that commit, never a second one.
+whoever finds an intent merges that commit, never a second one, and no merge is sent while
+the target's history already holds one for the execution.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +21,8 @@ from typing import Any
 from perago_worker import fences
 from perago_worker.changes import ChangeSet
 from perago_worker.contract import FailureKind, TaskFailure
-from perago_worker.lakefs import Conflict, LakeFS, NoChanges, NotFound
+from perago_worker.execution import Execution, published
+from perago_worker.lakefs import Conflict, LakeFS, NoChanges, NotFound, is_transient
 from perago_worker.paths import relative_to_key
 
 MAX_RESULT_METADATA = 256 * 1024
@@ -31,14 +34,6 @@ class StageStats:
     bytes: int = 0
     deleted: int = 0
     seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class Published:
-    ref: str
-    result: dict[str, Any]
-    adopted: bool
-    merged: bool
 
 
 def stage(
@@ -101,50 +96,112 @@ def commit_staged(
     except NoChanges:
         # A retried commit whose first request landed: the head is ours if it carries our key.
         head = lakefs.get_commit(repository, lakefs.branch_head(repository, branch))
-        if head.metadata.get(fences.META_KEY) == metadata.get(fences.META_KEY):
+        if head.metadata.get(fences.META_EXECUTION) == metadata.get(fences.META_EXECUTION):
             return head.id
         raise
 
 
-def claim(lakefs: LakeFS, repository: str, key: str, staged_commit: str) -> bool:
-    """Create the intent branch at our staged commit: True if we own the publish now."""
+def claim(lakefs: LakeFS, execution: Execution, staged_commit: str) -> str:
+    """Create the intent branch at our staged commit; return the commit the intent holds.
+
+    Branch creation is atomic: whoever creates it owns the publish. A 409 means an earlier
+    or racing attempt of the same execution claimed first, and its commit is the one to
+    merge (our own staged commit is dropped).
+    """
+    repository = execution.target.repository
     try:
-        lakefs.create_branch(repository, fences.intent_branch(key), staged_commit, hidden=True)
+        lakefs.create_branch(repository, execution.intent_branch, staged_commit, hidden=True)
     except Conflict:
-        return False
-    return True
+        claimed = existing_intent(lakefs, execution)
+        if claimed is None:  # claimed and freed (a terminal conflict) in between: ours now
+            return claim(lakefs, execution, staged_commit)
+        return claimed
+    return staged_commit
 
 
-def existing_intent(lakefs: LakeFS, repository: str, key: str) -> str | None:
-    """The staged commit an earlier attempt claimed for this key, if any."""
+def existing_intent(lakefs: LakeFS, execution: Execution) -> str | None:
+    """The staged commit an earlier attempt claimed for this execution, if any."""
     try:
-        return lakefs.branch_head(repository, fences.intent_branch(key))
+        return lakefs.branch_head(execution.target.repository, execution.intent_branch)
     except NotFound:
         return None
 
 
-def merge_intent(
+def release_intent(lakefs: LakeFS, execution: Execution) -> None:
+    """Free the key after a publish that can never land, so a fixed rerun can run."""
+    lakefs.delete_branch(execution.target.repository, execution.intent_branch)
+
+
+class NotLive(Exception):
+    """The attempt fence or cancellation stopped a merge before its request was sent."""
+
+
+@dataclass
+class MergeFigures:
+    tries: int = 0
+    fence_to_merge_ms: float = 0.0  # the window: fence answer received -> merge answered
+
+
+def merge_once(
     lakefs: LakeFS,
-    repository: str,
-    target: str,
-    key: str,
+    execution: Execution,
     staged_commit: str,
     message: str,
     metadata: dict[str, str],
+    *,
+    fence: Callable[[], bool],
+    retry_seconds: float,
+    figures: MergeFigures | None = None,
 ) -> tuple[str, bool]:
-    """Merge the claimed commit into `target` once; return (target ref, merged-by-us)."""
-    meta = {**metadata, fences.META_KEY: key, fences.META_STAGED: staged_commit}
-    try:
-        return lakefs.merge(repository, fences.intent_branch(key), target, message, meta), True
-    except NoChanges:
-        pass
-    log = lakefs.log(repository, target, amount=1000, first_parent=True)
-    found = fences.find_merge_commit(log, key, staged_commit)
-    if found is not None:
-        return found, False
-    # Nothing to merge and no merge of ours: the target already holds exactly this content
-    # (another execution published the same change). Its head is the truthful answer.
-    return lakefs.branch_head(repository, target), False
+    """Merge `staged_commit` into the target once; return (merge commit, merged by us).
+
+    Before every merge request (the first and each retry) the target's history since the
+    execution began is searched for its merge, and then `fence` (cancellation and the
+    attempt fence) must pass, immediately before the request. So a request whose answer
+    was lost is never repeated once it landed, and a superseded attempt sends nothing after
+    it learnt so. lakeFS has no compare-and-swap on merge: what remains is the window between
+    the fence's answer and the merge landing (`figures.fence_to_merge_ms`).
+    """
+    figures = figures if figures is not None else MergeFigures()
+    target = execution.target
+    meta = {**metadata, fences.META_EXECUTION: execution.key, fences.META_STAGED: staged_commit}
+    deadline = time.monotonic() + retry_seconds
+    delay = 0.2
+    while True:
+        found = published(lakefs, execution)
+        if found is not None:
+            return found.commit_id, False
+        if not fence():
+            raise NotLive("the attempt fence failed immediately before the merge")
+        fenced_at = time.monotonic()
+        figures.tries += 1
+        try:
+            ref = lakefs.merge(
+                target.repository,
+                staged_commit,
+                target.branch,
+                message,
+                meta,
+                # An empty merge still records the execution: a recomputation whose result
+                # the target already holds gets a ref of its own, never an unrelated head.
+                allow_empty=True,
+                retry=False,
+            )
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(5.0, delay * 2)
+            continue
+        figures.fence_to_merge_ms = (time.monotonic() - fenced_at) * 1000
+        return ref, True
+
+
+def result_of(lakefs: LakeFS, repository: str, staged_commit: str) -> dict[str, Any]:
+    """The handler result an execution's staged commit carries."""
+    commit = lakefs.get_commit(repository, staged_commit)
+    result: dict[str, Any] = json.loads(commit.metadata.get(fences.META_RESULT, "{}"))
+    return result
 
 
 def conflicting_paths(
@@ -153,25 +210,3 @@ def conflicting_paths(
     """Paths both this attempt and the target branch changed since the input ref."""
     theirs = set(lakefs.changed_paths(repository, input_ref, target, limit=10_000))
     return sorted(p for p in ours if p in theirs)[:limit]
-
-
-def adopt(
-    lakefs: LakeFS, repository: str, target: str, key: str, message: str, metadata: dict[str, str]
-) -> Published | None:
-    """Finish (or just read back) a publish an earlier attempt claimed for this key."""
-    staged = existing_intent(lakefs, repository, key)
-    if staged is None:
-        return None
-    commit = lakefs.get_commit(repository, staged)
-    try:
-        ref, merged = merge_intent(lakefs, repository, target, key, staged, message, metadata)
-    except Conflict as exc:
-        # The claimed commit can never land: free the key so an operator's retry re-runs.
-        lakefs.delete_branch(repository, fences.intent_branch(key))
-        raise TaskFailure(
-            FailureKind.MERGE_CONFLICT,
-            f"the publish claimed by an earlier attempt conflicts with branch {target!r} "
-            f"({exc.message}); nothing was published",
-        ) from None
-    result = json.loads(commit.metadata.get(fences.META_RESULT, "{}"))
-    return Published(ref, result, adopted=True, merged=merged)

@@ -28,7 +28,7 @@ from perago_worker.app import TaskSpec, Worker
 from perago_worker.attempt import Attempt, Deps, Outcome
 from perago_worker.context import TaskContext
 from perago_worker.contract import Status, bound_reason
-from perago_worker.fences import attempt_verdict
+from perago_worker.fences import Incarnation, attempt_verdict, delivery_token
 from perago_worker.observability import logging as plog
 from perago_worker.observability import metrics
 
@@ -67,8 +67,8 @@ class InFlight:
 
     @property
     def key(self) -> str:
-        """One per delivery: the same task id polled again is a different attempt."""
-        return f"{self.task.task_id}#{self.ctx.poll_count}"
+        """One per delivery: its token is never reused, whatever Conductor resets."""
+        return f"{self.task.task_id}@{self.ctx.delivery_token}"
 
 
 class Runner:
@@ -144,21 +144,54 @@ class Runner:
         deadline = time.monotonic() + grace
         while self.in_flight() and time.monotonic() < deadline:
             time.sleep(0.1)
-        with self._lock:
-            leftover = list(self._inflight.values())
-        for entry in leftover:
-            entry.ctx.cancel("worker shut down before the attempt finished (drain grace over)")
-            self._report(
-                entry,
-                Outcome(
-                    Status.FAILED,
-                    reason="aborted: worker shut down before the attempt finished; retry it",
-                    kind="aborted",
-                ),
-            )
+        aborted = self._abort_leftovers()
         self._stopped.set()
         self.lifecycle.set("stopped")
-        self.log.info("worker.stopped", aborted=len(leftover))
+        self.log.info("worker.stopped", aborted=aborted)
+
+    def _abort_leftovers(self) -> int:
+        """Past the grace: abort what has not begun to publish, let publishing ones finish.
+
+        An attempt that has begun to claim and merge is never reported FAILED under it (its
+        merge may land); it gets a bounded wait for its own, fenced report. The others are
+        cancelled first (so they can no longer begin to publish), then reported FAILED only
+        if the attempt fence still shows them live: a superseded delivery reports nothing.
+        """
+        with self._lock:
+            leftover = list(self._inflight.values())
+        aborted = 0
+        publishing: list[InFlight] = []
+        for entry in leftover:
+            if not entry.ctx.cancel_unless_publishing(
+                "worker shut down before the attempt finished (drain grace over)"
+            ):
+                publishing.append(entry)
+                continue
+            aborted += 1
+            if self.is_live(entry, retry_seconds=5):
+                self._report(
+                    entry,
+                    Outcome(
+                        Status.FAILED,
+                        reason="aborted: worker shut down before the attempt finished; retry it",
+                        kind="aborted",
+                    ),
+                )
+            else:
+                with entry.lock:
+                    entry.reported = True  # superseded: nobody reports for this delivery
+        deadline = time.monotonic() + self.publish_wait_seconds
+        while publishing and time.monotonic() < deadline:
+            with self._lock:
+                publishing = [e for e in publishing if e.key in self._inflight]
+            time.sleep(0.1)
+        return aborted
+
+    @property
+    def publish_wait_seconds(self) -> float:
+        """How long a drain waits for an attempt caught claiming or merging."""
+        lakefs_timeout = getattr(self.deps.lakefs, "request_timeout", 60.0)
+        return float(self.settings.merge_retry_seconds + 2 * lakefs_timeout)
 
     # -- polling --------------------------------------------------------------------------
 
@@ -175,7 +208,8 @@ class Runner:
         while not self._draining.is_set():
             if not slots.acquire(timeout=0.5):
                 continue
-            tasks = self._poll(spec, 1, self.settings.poll_timeout_ms)
+            token = delivery_token(self.settings.worker_id)
+            tasks = self._poll(spec, token, 1, self.settings.poll_timeout_ms)
             if tasks is None:
                 slots.release()
                 backoff = min(30.0, max(0.5, backoff * 2))
@@ -187,23 +221,27 @@ class Runner:
                 continue
             for task in tasks:
                 faultpoints.hit("poll.received")
-                self._launch(spec, task)
+                self._launch(spec, task, token)
             extra = 0
             while extra < self.settings.poll_batch - 1 and slots.acquire(blocking=False):
                 extra += 1
-            more = (self._poll(spec, extra, 0) or []) if extra else []
+            token = delivery_token(self.settings.worker_id)
+            more = (self._poll(spec, token, extra, 0) or []) if extra else []
             for _ in range(extra - len(more)):
                 slots.release()
             for task in more:
                 faultpoints.hit("poll.received")
-                self._launch(spec, task)
+                self._launch(spec, task, token)
 
-    def _poll(self, spec: TaskSpec, count: int, timeout_ms: int) -> list[Task] | None:
-        """One batch poll; None when it failed (the loop never dies: outages are waited out)."""
+    def _poll(self, spec: TaskSpec, token: str, count: int, timeout_ms: int) -> list[Task] | None:
+        """One batch poll with a fresh delivery token as the `workerId` Conductor stores.
+
+        None when it failed (the loop never dies: outages are waited out).
+        """
         started = time.monotonic()
         try:
             tasks = self.deps.conductor.batch_poll(
-                spec.name, self.settings.worker_id, self.settings.task_domain, count, timeout_ms
+                spec.name, token, self.settings.task_domain, count, timeout_ms
             )
         except Exception as exc:
             metrics.POLLS.labels(task_type=spec.name, result="error").inc()
@@ -217,7 +255,7 @@ class Runner:
         metrics.POLLS.labels(task_type=spec.name, result="tasks" if tasks else "empty").inc()
         return tasks
 
-    def _launch(self, spec: TaskSpec, task: Task) -> None:
+    def _launch(self, spec: TaskSpec, task: Task, token: str) -> None:
         settings = self.settings
         log = plog.get_logger(
             workflow_id=task.workflow_instance_id,
@@ -236,6 +274,7 @@ class Runner:
             poll_count=int(task.poll_count or 0),
             worker_id=settings.worker_id,
             environment=settings.environment,
+            delivery_token=token,
             _config=settings.handler_value,
             log=log,
         )
@@ -263,7 +302,7 @@ class Runner:
         except Exception as exc:
             entry.ctx.log.warning("fence.unverifiable", error=str(exc)[:300])
             return False
-        verdict = attempt_verdict(state, self.settings.worker_id, entry.ctx.poll_count)
+        verdict = attempt_verdict(state, entry.ctx.delivery_token, entry.ctx.poll_count)
         if not verdict.live:
             metrics.FENCE_REJECTIONS.labels(
                 task_type=entry.spec.name, fence="attempt", kind=verdict.kind
@@ -283,6 +322,7 @@ class Runner:
                 ctx,
                 self.deps,
                 still_live=lambda: self.is_live(entry),
+                incarnation=Incarnation.of(entry.task),
             )
             outcome = attempt.run()
             if ctx.cancelled:

@@ -48,6 +48,14 @@ class ConductorSettings(BaseModel):
     url: str = "http://127.0.0.1:8080/api"
     auth_key: str | None = None
     auth_secret: SecretStr | None = None
+    allow_unsupported_version: bool = Field(
+        False,
+        description="Start even when the Conductor server's version is outside the supported "
+        "range (preflight.SUPPORTED_CONDUCTOR): the check then warns instead of failing",
+    )
+    request_timeout_seconds: float = Field(
+        10.0, gt=0, description="Bound on every Conductor request (the long poll adds its wait)"
+    )
 
     @field_validator("url")
     @classmethod
@@ -92,6 +100,15 @@ class Settings(BaseSettings):
     drain_grace_seconds: float = Field(60.0, ge=0)
     transfer_concurrency: int = Field(32, ge=1, le=256)
     report_retry_seconds: float = Field(120.0, gt=0)
+    merge_retry_seconds: float = Field(
+        60.0, gt=0, description="How long a publish retries its merge (fenced before each try)"
+    )
+    clock_skew_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Allowed clock difference between Conductor and lakeFS when the target's "
+        "history is searched for an execution's merge",
+    )
 
     http_host: str = "0.0.0.0"
     http_port: int = Field(9464, ge=0, le=65535)

@@ -1,10 +1,9 @@
-"""Specification of `perago_worker.fences`: attempt verdicts, publish keys, branch names."""
+"""Specification of `perago_worker.fences`: tokens, verdicts, execution identity, names."""
 
 from __future__ import annotations
 
 import re
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -14,14 +13,27 @@ from hypothesis import strategies as st
 from perago_worker.conductor import TaskState
 from perago_worker.fences import (
     INTENT_PREFIX,
-    META_KEY,
+    META_EXECUTION,
+    META_ROOT_RETRY,
+    META_ROOT_TASK,
+    META_SLOT,
     META_STAGED,
     STAGING_PREFIX,
+    TOKEN_SEPARATOR,
+    Incarnation,
+    LineageError,
+    PublishRecord,
+    Target,
     attempt_verdict,
-    find_merge_commit,
+    delivery_token,
+    execution_key,
+    find_publish,
+    history_ends,
     intent_branch,
     parse_staging_branch,
-    publish_key,
+    root_of,
+    same_id_predecessor,
+    slot_key,
     staging_branch,
 )
 
@@ -29,111 +41,230 @@ from perago_worker.fences import (
 LAKEFS_BRANCH = re.compile(r"^\w[-\w]*$", re.ASCII)
 hex_uid = st.text(alphabet="0123456789abcdef", min_size=8, max_size=8)
 created = st.floats(min_value=0, max_value=2**40, allow_nan=False)
+TOKEN = "w-1#aaaaaaaaaaaa"
 
 
 def _state(**overrides: Any) -> TaskState:
     values: dict[str, Any] = {
         "task_id": "t-1",
         "status": "IN_PROGRESS",
-        "worker_id": "w-1",
+        "worker_id": TOKEN,
         "poll_count": 2,
     }
     values.update(overrides)
     return TaskState(**values)
 
 
-# --- attempt_verdict ---------------------------------------------------------------------
+TARGET = Target("repo", "main", "data/")
+SLOT = slot_key("wf-1", "ingest", "ingest", TARGET)
+ROOT = Incarnation("t-1", 0, 1_000, 1_500)
+
+
+# --- delivery tokens and attempt_verdict -------------------------------------------------
+
+
+def test_delivery_tokens_are_unique_per_poll_and_name_the_worker() -> None:
+    tokens = {delivery_token("w-1") for _ in range(1000)}
+    assert len(tokens) == 1000
+    assert all(t.startswith("w-1" + TOKEN_SEPARATOR) for t in tokens)
 
 
 def test_attempt_verdict_gone_when_task_unknown() -> None:
-    verdict = attempt_verdict(None, "w-1", 2)
-    assert not verdict.live
-    assert verdict.kind == "gone"
+    verdict = attempt_verdict(None, TOKEN, 2)
+    assert (verdict.live, verdict.kind) == (False, "gone")
 
 
-@pytest.mark.parametrize("status", ["COMPLETED", "FAILED", "TIMED_OUT", "CANCELED", "SCHEDULED"])
+@pytest.mark.parametrize("status", ["SCHEDULED", "COMPLETED", "FAILED", "TIMED_OUT", "CANCELED"])
 def test_attempt_verdict_not_in_progress(status: str) -> None:
-    verdict = attempt_verdict(_state(status=status), "w-1", 2)
-    assert not verdict.live
-    assert verdict.kind == "not_in_progress"
+    verdict = attempt_verdict(_state(status=status), TOKEN, 2)
+    assert (verdict.live, verdict.kind) == (False, "not_in_progress")
     assert status in verdict.reason
 
 
-def test_attempt_verdict_other_worker() -> None:
-    verdict = attempt_verdict(_state(worker_id="w-2"), "w-1", 2)
+def test_attempt_verdict_superseded_when_another_token_holds_the_task() -> None:
+    verdict = attempt_verdict(_state(worker_id="w-1#bbbbbbbbbbbb"), TOKEN, 2)
+    assert (verdict.live, verdict.kind) == (False, "superseded")
+
+
+def test_attempt_verdict_superseded_even_with_a_reset_poll_count() -> None:
+    """Rerun-from-task resets pollCount on the same task id: the token still differs."""
+    later = delivery_token("w-1")
+    verdict = attempt_verdict(_state(worker_id=later, poll_count=2), TOKEN, 2)
     assert not verdict.live
-    assert verdict.kind == "other_worker"
-    assert "'w-2'" in verdict.reason
 
 
 def test_attempt_verdict_redelivered_when_poll_count_changed() -> None:
-    verdict = attempt_verdict(_state(poll_count=3), "w-1", 2)
-    assert not verdict.live
-    assert verdict.kind == "redelivered"
-    assert "3 != 2" in verdict.reason
+    verdict = attempt_verdict(_state(poll_count=3), TOKEN, 2)
+    assert (verdict.live, verdict.kind) == (False, "redelivered")
 
 
 def test_attempt_verdict_live_when_everything_matches() -> None:
-    verdict = attempt_verdict(_state(), "w-1", 2)
-    assert verdict.live
-    assert verdict.kind == ""
+    verdict = attempt_verdict(_state(), TOKEN, 2)
+    assert verdict.live and verdict.kind == ""
 
 
-# --- publish_key -------------------------------------------------------------------------
-
-BASE = ("wf-1", "render_ref", "render", "c0ffee", {"a": 1, "b": {"x": [1, 2], "y": "z"}})
+# --- execution identity --------------------------------------------------------------------
 
 
-def test_publish_key_is_sha256_hex() -> None:
-    assert re.fullmatch(r"[0-9a-f]{64}", publish_key(*BASE))
+def test_a_retry_chain_resolves_to_its_root() -> None:
+    retry = Incarnation("t-2", 1, 2_000, 2_100, retried_task_id="t-1")
+    again = Incarnation("t-3", 2, 3_000, 3_100, retried_task_id="t-2")
+    assert root_of([again, retry, ROOT]) == ROOT
 
 
-def test_publish_key_stable_under_params_key_order() -> None:
-    reordered = {"b": {"y": "z", "x": [1, 2]}, "a": 1}
-    assert publish_key(*BASE[:4], reordered) == publish_key(*BASE)
+def test_a_first_attempt_is_its_own_root() -> None:
+    assert root_of([ROOT]) == ROOT
 
 
 @pytest.mark.parametrize(
-    "changed",
+    "chain",
     [
-        ("wf-2", *BASE[1:]),
-        (BASE[0], "other_ref", *BASE[2:]),
-        (*BASE[:2], "other_type", *BASE[3:]),
-        (*BASE[:3], "deadbeef", BASE[4]),
-        (*BASE[:4], {"a": 2, "b": {"x": [1, 2], "y": "z"}}),
-        (*BASE[:4], {"a": 1, "b": {"x": [2, 1], "y": "z"}}),
-        (*BASE[:4], {"a": "1", "b": {"x": [1, 2], "y": "z"}}),
+        [],
+        [Incarnation("t-2", 1, 0, 0, retried_task_id="t-1")],
+        [Incarnation("t-2", 1, 0, 0, retried_task_id="t-1"), Incarnation("t-9", 0, 0, 0)],
+        [
+            Incarnation("t-1", 1, 0, 0, retried_task_id="t-2"),
+            Incarnation("t-2", 1, 0, 0, retried_task_id="t-1"),
+            Incarnation("t-1", 0, 0, 0),
+        ],
     ],
-    ids=[
-        "workflow",
-        "reference_name",
-        "task_type",
-        "input_ref",
-        "param_value",
-        "list_order",
-        "param_type",
+    ids=["empty", "stops-early", "broken-link", "loop"],
+)
+def test_a_chain_that_is_not_a_chain_is_refused(chain: list[Incarnation]) -> None:
+    with pytest.raises(LineageError):
+        root_of(chain)
+
+
+def test_the_execution_key_ignores_everything_a_retry_recomputes() -> None:
+    """Input params, task id of the retry, poll count: none of them is in the key."""
+    assert execution_key(SLOT, ROOT) == execution_key(SLOT, replace(ROOT))
+
+
+@pytest.mark.parametrize(
+    "rerun",
+    [
+        replace(ROOT, scheduled_time=9_000, start_time=0),
+        replace(ROOT, scheduled_time=9_000, start_time=9_100),
+        replace(ROOT, start_time=9_100),
+        Incarnation("t-new", 0, 9_000, 9_100),
+    ],
+    ids=["rerun-from-task", "rerun-polled", "rerun-sibling-reset", "restart"],
+)
+def test_a_rerun_or_restart_is_a_new_execution(rerun: Incarnation) -> None:
+    assert execution_key(SLOT, rerun) != execution_key(SLOT, ROOT)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        Target("other-repo", "main", "data/"),
+        Target("repo", "other", "data/"),
+        Target("repo", "main", "other/"),
     ],
 )
-def test_publish_key_differs_when_execution_differs(changed: tuple[Any, ...]) -> None:
-    assert publish_key(*changed) != publish_key(*BASE)
+def test_two_targets_never_share_an_execution(other: Target) -> None:
+    assert execution_key(slot_key("wf-1", "ingest", "ingest", other), ROOT) != execution_key(
+        SLOT, ROOT
+    )
 
 
-def test_publish_key_accepts_non_json_params() -> None:
-    key = publish_key(*BASE[:4], {"when": uuid.UUID(int=1)})
-    assert key == publish_key(*BASE[:4], {"when": str(uuid.UUID(int=1))})
+@given(st.text(), st.text(), st.text(), st.text(), st.text(), st.text())
+def test_slot_fields_never_bleed_into_each_other(
+    a: str, b: str, c: str, d: str, e: str, f: str
+) -> None:
+    one = slot_key(a, b, c, Target(d, e, f))
+    shifted = slot_key(a + b, "", c, Target(d, e, f))
+    assert one != shifted or b == ""
+
+
+def _record(commit: str, execution: str, *, task: str = "t-1", retry: int = 0) -> PublishRecord:
+    return PublishRecord(commit, execution, SLOT, task, retry, "staged-" + commit)
+
+
+def test_a_same_id_retry_continues_the_newest_earlier_execution() -> None:
+    revived = replace(ROOT, retry_count=1, scheduled_time=5_000, start_time=0)
+    records = [_record("m2", "exec-2"), _record("m1", "exec-1")]
+    assert same_id_predecessor(records, SLOT, revived) == records[0]
+
+
+def test_a_same_id_retry_ignores_other_tasks_slots_and_later_retries() -> None:
+    revived = replace(ROOT, retry_count=1)
+    records = [
+        _record("m3", "x", task="t-other"),
+        PublishRecord("m4", "y", "other-slot", "t-1", 0, "s"),
+        _record("m5", "z", retry=1),
+    ]
+    assert same_id_predecessor(records, SLOT, revived) is None
+
+
+def test_only_a_same_id_retry_looks_for_a_predecessor() -> None:
+    records = [_record("m1", "exec-1")]
+    assert same_id_predecessor(records, SLOT, ROOT) is None
+    retry_with_new_id = Incarnation("t-1", 1, 0, 0, retried_task_id="t-0")
+    assert same_id_predecessor(records, SLOT, retry_with_new_id) is None
+
+
+# --- publish records and the history walk ------------------------------------------------
+
+
+def test_a_merge_commit_parses_into_a_record() -> None:
+    record = PublishRecord.parse(
+        "m1",
+        {
+            META_EXECUTION: "e",
+            META_STAGED: "s",
+            META_SLOT: SLOT,
+            META_ROOT_TASK: "t-1",
+            META_ROOT_RETRY: "2",
+        },
+    )
+    assert record == PublishRecord("m1", "e", SLOT, "t-1", 2, "s")
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{}, {META_EXECUTION: "e"}, {META_STAGED: "s"}, {"perago.workflow_id": "wf"}],
+    ids=["plain", "staged-commit", "foreign", "provenance-only"],
+)
+def test_commits_that_are_not_our_merges_parse_to_nothing(metadata: dict[str, str]) -> None:
+    assert PublishRecord.parse("c", metadata) is None
+
+
+def test_find_publish_returns_the_newest_merge_of_the_execution() -> None:
+    records = [_record("m3", "other"), _record("m2", "mine"), _record("m1", "mine")]
+    found = find_publish(records, "mine")
+    assert found is not None and found.commit_id == "m2"
+    assert find_publish(records, "absent") is None
+
+
+@dataclass
+class Dated:
+    id: str
+    creation_date: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def test_the_history_walk_ends_at_the_input_commit() -> None:
+    assert history_ends(Dated("input", 10_000), input_ref="input", not_before=0)
+
+
+def test_the_history_walk_ends_before_the_execution_began() -> None:
+    assert history_ends(Dated("c", 99), input_ref="input", not_before=100)
+    assert not history_ends(Dated("c", 100), input_ref="input", not_before=100)
 
 
 # --- branch names ------------------------------------------------------------------------
 
 
 def test_intent_branch_is_prefixed_and_truncated() -> None:
-    key = publish_key(*BASE)
+    key = execution_key(SLOT, ROOT)
     assert intent_branch(key) == INTENT_PREFIX + key[:48]
 
 
 @given(st.text(), st.text(), st.text(), st.text())
-def test_intent_branch_matches_lakefs_branch_regex(wf: str, ref: str, ttype: str, inp: str) -> None:
-    assert LAKEFS_BRANCH.match(intent_branch(publish_key(wf, ref, ttype, inp, {})))
+def test_intent_branch_matches_lakefs_branch_regex(wf: str, ref: str, ttype: str, br: str) -> None:
+    slot = slot_key(wf, ref, ttype, Target("repo", br, ""))
+    assert LAKEFS_BRANCH.match(intent_branch(execution_key(slot, ROOT)))
 
 
 @given(task_id=st.text(alphabet=st.characters(max_codepoint=127)), uid=hex_uid, when=created)
@@ -173,53 +304,3 @@ def test_parse_staging_branch_round_trips_conductor_task_ids(
 )
 def test_parse_staging_branch_ignores_other_names(name: str) -> None:
     assert parse_staging_branch(name) is None
-
-
-# --- find_merge_commit -------------------------------------------------------------------
-
-
-@dataclass
-class Commit:
-    id: str
-    parents: list[str] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-KEY = "k" * 64
-STAGED = "staged-commit"
-
-
-def test_find_merge_commit_by_key_and_parent() -> None:
-    log = [
-        Commit("c3", ["c2"]),
-        Commit("merge", ["c1", STAGED], {META_KEY: KEY}),
-        Commit("c1", ["c0"]),
-    ]
-    assert find_merge_commit(log, KEY, STAGED) == "merge"
-
-
-def test_find_merge_commit_by_key_and_staged_metadata() -> None:
-    log = [Commit("merge", ["c1", "other"], {META_KEY: KEY, META_STAGED: STAGED})]
-    assert find_merge_commit(log, KEY, STAGED) == "merge"
-
-
-def test_find_merge_commit_ignores_other_keys() -> None:
-    log = [Commit("merge", ["c1", STAGED], {META_KEY: "other-key"})]
-    assert find_merge_commit(log, KEY, STAGED) is None
-
-
-def test_find_merge_commit_ignores_same_key_for_other_staged_commit() -> None:
-    log = [Commit("merge", ["c1", "another-staged"], {META_KEY: KEY})]
-    assert find_merge_commit(log, KEY, STAGED) is None
-
-
-def test_find_merge_commit_returns_newest_match() -> None:
-    log = [
-        Commit("newer", ["x", STAGED], {META_KEY: KEY}),
-        Commit("older", ["y", STAGED], {META_KEY: KEY}),
-    ]
-    assert find_merge_commit(log, KEY, STAGED) == "newer"
-
-
-def test_find_merge_commit_empty_log() -> None:
-    assert find_merge_commit([], KEY, STAGED) is None

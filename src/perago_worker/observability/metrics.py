@@ -52,6 +52,12 @@ FENCE_REJECTIONS = Counter(
     "Publishes stopped or redirected by a fence.",
     ["task_type", "fence", "kind"],
 )
+FENCE_WINDOW = Histogram(
+    "perago_fence_window_seconds",
+    "From the attempt fence's answer to the merge's answer: the window a fence cannot close.",
+    ["task_type"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
 RETRIES = Counter("perago_retries_total", "Transient-fault retries of server calls.", ["server"])
 IN_FLIGHT = Gauge(
     "perago_attempts_in_flight",
