@@ -161,6 +161,20 @@ def perago_worker(b: Bench, concurrency: int) -> Iterator[None]:
         code = worker.stop(timeout=60)
         if code != 0:
             log(f"perago worker exited with {code}; log {worker.log_path}")
+        FENCE_WINDOWS_MS.extend(fence_windows(worker.events()))
+
+
+# Every merge's window, from the attempt fence's answer to the merge's answer (docs/fences.md).
+FENCE_WINDOWS_MS: list[float] = []
+
+
+def fence_windows(events: list[dict[str, Any]]) -> list[float]:
+    """The `fence_to_merge_ms` figure of every merge a worker sent (its `merge.done` events)."""
+    return [
+        float(e["fence_to_merge_ms"])
+        for e in events
+        if e.get("event") == "merge.done" and e.get("merged") and "fence_to_merge_ms" in e
+    ]
 
 
 @contextlib.contextmanager
@@ -280,4 +294,12 @@ def case_tasks(b: Bench, *, sequential: int, burst: int) -> Section:
         "The ratio of latencies is necessarily < 1 (the bare worker does nothing); the "
         "figure that matters is the overhead, perago p50 minus bare p50."
     )
+    if FENCE_WINDOWS_MS:
+        w = FENCE_WINDOWS_MS
+        section.notes.append(
+            f"Fence-to-merge window (attempt fence answered -> merge answered) over the "
+            f"{len(w)} merges of `bench_write` in this case: p50 {percentile(w, 50):.1f} ms, "
+            f"p95 {percentile(w, 95):.1f} ms, p99 {percentile(w, 99):.1f} ms, max {max(w):.1f} ms "
+            "(docs/fences.md)."
+        )
     return section

@@ -94,7 +94,7 @@ def run_demo(workdir: Path, *, rows: int = 1000) -> int:
             provenance = {
                 k.removeprefix("perago."): v
                 for k, v in commit.metadata.items()
-                if k.startswith("perago.") and k not in ("perago.publish_key",)
+                if k.startswith("perago.") and k not in ("perago.execution", "perago.slot")
             }
             print(f"  {commit.id[:12]}  {commit.message}")
             for key in sorted(provenance):
