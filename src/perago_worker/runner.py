@@ -264,6 +264,7 @@ class Runner:
             attempt=int(task.poll_count or 0),
             retry_count=int(task.retry_count or 0),
             worker_id=settings.worker_id,
+            token=token,
         )
         ctx = TaskContext(
             task_id=task.task_id,
@@ -381,7 +382,13 @@ class Runner:
         while not self._stopped.is_set():
             now = time.monotonic()
             with self._lock:
-                due = [e for e in self._inflight.values() if e.next_lease <= now and not e.reported]
+                # A cancelled attempt (superseded, or given up by the drain) renews nothing:
+                # its task id may already belong to a newer delivery, whose lease is not ours.
+                due = [
+                    e
+                    for e in self._inflight.values()
+                    if e.next_lease <= now and not e.reported and not e.ctx.cancelled
+                ]
             if faultpoints.armed("lease.disabled"):
                 due = []
             for entry in due:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from perago_testing import keys_at, one_task_workflow, seed, suffix, workspace
@@ -92,16 +93,34 @@ class Harness:
         self.workers.append(proc)
         return proc
 
-    def start(self, kind: str, **params: Any) -> Case:
+    def start(
+        self,
+        kind: str,
+        *,
+        branch: str | None = None,
+        ref: str | None = None,
+        drift: bool = False,
+        **params: Any,
+    ) -> Case:
+        """One-task workflow on a fresh branch (or `branch`, which must exist) from `ref`.
+
+        `drift=True` adds `params.nonce = ${CPEWF_TASK_ID}`: Conductor substitutes the task id
+        of each scheduling, so a retry's input differs from its predecessor's.
+        """
         task_type = f"fault_{kind}_{S}"
-        branch = f"case-{suffix()}"
-        self.lakefs.create_branch(self.repo, branch, self.base, hidden=False)
+        ref = ref or self.base
+        if branch is None:
+            branch = f"case-{suffix()}"
+            self.lakefs.create_branch(self.repo, branch, ref, hidden=False)
         params = {"tag": branch, **params}
-        task_input = {"workspace": workspace(self.repo, self.base, branch), "params": params}
-        name = one_task_workflow(self.conductor, task_type, sorted(task_input))
+        task_input = {"workspace": workspace(self.repo, ref, branch), "params": params}
+        if drift:
+            name = drifting_workflow(self.conductor, task_type, sorted(params))
+        else:
+            name = one_task_workflow(self.conductor, task_type, sorted(task_input))
         workflow_id = self.conductor.start_workflow(name, task_input)
         self.sweeper.workflows.add(workflow_id)
-        return Case(workflow_id, task_type, branch, self.base, params)
+        return Case(workflow_id, task_type, branch, ref, params)
 
     def task(self, case: Case) -> Any:
         run = self.conductor.get_workflow(case.workflow_id)
@@ -125,30 +144,66 @@ class Harness:
             time.sleep(0.05)
         raise AssertionError(f"no {event} in worker log:\n{worker.tail()}")
 
-    def verify(self, case: Case, *, status: str = "COMPLETED", timeout: float = 180) -> Any:
-        """The workflow's end, exactly one merge with provenance, the data, and a clean gc."""
+    def commits_since(self, branch: str, since: str) -> list[Any]:
+        """Every commit on `branch`'s first-parent log above `since`, newest first.
+
+        Whatever its metadata: a second merge, a merge without our keys or a stray commit
+        all count.
+        """
+        log = self.lakefs.log(self.repo, branch, amount=1000)
+        for i, commit in enumerate(log):
+            if commit.id == since:
+                return log[:i]
+        raise AssertionError(f"{since} is not on the first-parent log of {branch}")
+
+    def verify(
+        self,
+        case: Case,
+        *,
+        status: str = "COMPLETED",
+        timeout: float = 180,
+        since: str | None = None,
+    ) -> Any:
+        """The workflow's end, exactly one commit since the input (the merge, with provenance),
+        the data, and a clean gc. `since`: count from that commit instead of the input ref."""
         run = wait_for_workflow(self.conductor, case.workflow_id, timeout)
         assert run.status == status, [(t.status, t.reason_for_incompletion) for t in run.tasks]
-        key = fences.publish_key(
-            case.workflow_id, "only", case.task_type, case.input_ref, case.params
-        )
-        log = self.lakefs.log(self.repo, case.branch, amount=200)
-        merges = [c for c in log if c.metadata.get(fences.META_KEY) == key]
+        commits = self.commits_since(case.branch, since or case.input_ref)
         if status == "COMPLETED":
-            assert len(merges) == 1, [c.metadata for c in merges]
-            merge = merges[0]
+            assert len(commits) == 1, [(c.id, c.message, c.metadata) for c in commits]
+            merge = commits[0]
             final = run.tasks[-1].output_data["workspace"]["ref"]
             assert final == merge.id == self.lakefs.branch_head(self.repo, case.branch)
             assert merge.metadata["perago.workflow_id"] == case.workflow_id
             assert merge.metadata["perago.input_ref"] == case.input_ref
             assert merge.metadata["perago.task_id"] in {t.task_id for t in run.tasks}
+            assert merge.metadata.get(fences.META_EXECUTION), merge.metadata
             files = case.params.get("files", 1)
             keys = keys_at(self.lakefs, self.repo, final, f"f/out/{case.params['tag']}/")
             assert len(keys) == files
         else:
-            assert merges == []
+            assert commits == [], [(c.id, c.message, c.metadata) for c in commits]
         self.gc_clean()
         return run
+
+    # -- Conductor's operator calls (REST, as in WorkflowResource of Conductor 3.32) --------
+
+    def terminate(self, workflow_id: str, reason: str = "test") -> None:
+        resp = httpx.delete(
+            f"{self.conductor.url}/workflow/{workflow_id}", params={"reason": reason}, timeout=30
+        )
+        assert resp.status_code < 300, resp.text
+
+    def rerun(
+        self, workflow_id: str, task_id: str, task_input: dict[str, Any] | None = None
+    ) -> None:
+        body: dict[str, Any] = {"reRunFromWorkflowId": workflow_id, "reRunFromTaskId": task_id}
+        if task_input is not None:
+            body["taskInput"] = task_input
+        resp = httpx.post(
+            f"{self.conductor.url}/workflow/{workflow_id}/rerun", json=body, timeout=30
+        )
+        assert resp.status_code < 300, resp.text
 
     def gc_clean(self) -> None:
         for proc in self.workers:
@@ -166,6 +221,39 @@ class Harness:
         ] == []
         assert list(self.lakefs.list_branches(self.repo, fences.STAGING_PREFIX)) == []
         assert list(self.lakefs.list_branches(self.repo, fences.INTENT_PREFIX)) == []
+
+
+_DRIFTING: set[str] = set()
+
+
+def drifting_workflow(conductor: Conductor, task_type: str, param_keys: list[str]) -> str:
+    """A one-task workflow whose `params.nonce` is the id of the task being scheduled."""
+    name = f"wf_drift_{task_type}_{'_'.join(param_keys)}"
+    if name not in _DRIFTING:
+        params: dict[str, Any] = {k: f"${{workflow.input.params.{k}}}" for k in param_keys}
+        params["nonce"] = "${CPEWF_TASK_ID}"
+        conductor.register_workflow(
+            {
+                "name": name,
+                "version": 1,
+                "schemaVersion": 2,
+                "ownerEmail": "tests@localhost",
+                "tasks": [
+                    {
+                        "name": task_type,
+                        "taskReferenceName": "only",
+                        "type": "SIMPLE",
+                        "inputParameters": {
+                            "workspace": "${workflow.input.workspace}",
+                            "params": params,
+                        },
+                    }
+                ],
+                "outputParameters": {"output": "${only.output}"},
+            }
+        )
+        _DRIFTING.add(name)
+    return name
 
 
 @pytest.fixture(scope="module")

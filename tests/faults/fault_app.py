@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 
 from pydantic import BaseModel
 
@@ -19,6 +20,10 @@ class FaultParams(BaseModel):
     sleep: float = 0.0  # seconds, every attempt
     files: int = 1
     size: int = 64
+    # Conductor fills this from `${CPEWF_TASK_ID}` in tests whose input must drift per retry.
+    nonce: str = ""
+    # Also write `marks/<tag>/<random>.txt` naming this attempt: proof the handler ran.
+    marker: bool = False
 
 
 class FaultResult(BaseModel):
@@ -39,6 +44,12 @@ def work(ctx: TaskContext, params: FaultParams) -> FaultResult:
     out.mkdir(parents=True, exist_ok=True)
     for i in range(params.files):
         (out / f"part-{i:04d}.txt").write_text(f"{params.tag}:{i}:".ljust(params.size, "x"))
+    if params.marker:
+        marks = root / "marks" / params.tag
+        marks.mkdir(parents=True, exist_ok=True)
+        (marks / f"{uuid.uuid4().hex}.txt").write_text(
+            f"{ctx.task_id} {ctx.worker_id} {ctx.retry_count} {ctx.poll_count}\n"
+        )
     return FaultResult(inputs=inputs, written=params.files)
 
 
