@@ -274,11 +274,12 @@ class Attempt:
             },
         )
         staging = fences.staging_branch(ctx.task_id, self.uid, time.time())
-        attempt_dir.record(staging_branch=staging)
         succeeded = False
         staged_branch_made = False
         manifest: Manifest = {}
         try:
+            # Inside the try: a folder whose record fails is still released (and its lock).
+            attempt_dir.record(staging_branch=staging)
             root = attempt_dir.root
             ctx._workspace = AttemptWorkspace(root, ws.repository, ws.branch, ws.ref, prefix)
             with self.phase("materialize") as figures:
@@ -303,6 +304,7 @@ class Attempt:
             result = self._handle(params)
             ctx.check_cancelled()
             self._checks("post_check", spec.post, FailureKind.POST_CHECK, "output")
+            staged: str | None = None
             with self.phase("stage") as figures:
                 try:
                     changes = diff(manifest, scan(root))
@@ -339,13 +341,15 @@ class Attempt:
                         files=sstats.files,
                         bytes=sstats.bytes,
                         deleted=sstats.deleted,
-                        staged_commit=staged,
+                        staged_commit=staged or "none (no changes)",
                     )
                     faultpoints.hit("stage.committed")
                     metrics.FILES.labels(task_type=spec.name, direction="up").inc(sstats.files)
                     metrics.BYTES.labels(task_type=spec.name, direction="up").inc(sstats.bytes)
-            if changes.empty:
+            if changes.empty or staged is None:
                 # Nothing to publish: no commit, no merge; the output ref is the input ref.
+                # (A staged commit lakeFS finds empty is the same: the handler rewrote files
+                # with the bytes they had.)
                 if not self.still_live():
                     return _zombie("attempt lost its lease")
                 succeeded = True

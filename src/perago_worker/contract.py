@@ -3,6 +3,10 @@
 The workflow payload carries only the workspace identity that must travel between tasks
 (repository, target branch, immutable ref); the prefix, credentials and staging branch never
 enter it. The output `workspace` is exactly the next task's input `workspace`.
+
+Unknown input keys are refused, with one exception: the keys Conductor itself writes into a
+task's input when it schedules it (`CONDUCTOR_INJECTED_KEYS`) are dropped before validation,
+so they never reach the handler and never fail a task.
 """
 
 from __future__ import annotations
@@ -15,6 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 REPOSITORY_PATTERN = r"^[a-z0-9][a-z0-9-]{2,62}$"
 BRANCH_PATTERN = r"^[A-Za-z0-9_][-A-Za-z0-9_]*$"  # lakeFS's Go \w is ASCII-only
 MAX_REASON = 1000
+
+# Keys Conductor adds to a SIMPLE task's input at schedule time, never written by the workflow
+# author. Read from conductor-oss (v3.32.1): ForkJoinDynamicTaskMapper.getDynamicTasksSimple
+# puts `__index` (the fork's position, an int) into every task a FORK_JOIN_DYNAMIC spawns with
+# `forkTaskName`/`forkTaskInputs` (since 3.16.0). No other mapper (SimpleTaskMapper,
+# DynamicTaskMapper, the legacy dynamicForkTasksParam form) adds a key of its own; the retry,
+# rerun and skip paths only copy inputs that a user supplied. Add a key here only when the
+# Conductor source shows it being injected: everything else stays an error.
+CONDUCTOR_INJECTED_KEYS: frozenset[str] = frozenset({"__index"})
 
 
 class WorkspaceRef(BaseModel):
@@ -67,6 +80,7 @@ class FailureKind(enum.StrEnum):
     POST_CHECK = "post_check"
     UNPUBLISHABLE = "unpublishable"
     MERGE_CONFLICT = "merge_conflict"
+    MERGE_REJECTED = "merge_rejected"
     INFRASTRUCTURE = "infrastructure"
     DISK_FULL = "disk_full"
     ABORTED = "aborted"
@@ -87,6 +101,8 @@ _STATUS: dict[FailureKind, Status] = {
     FailureKind.POST_CHECK: Status.FAILED,
     FailureKind.UNPUBLISHABLE: Status.FAILED_WITH_TERMINAL_ERROR,
     FailureKind.MERGE_CONFLICT: Status.FAILED_WITH_TERMINAL_ERROR,
+    # A lakeFS hook (a repository's policy) refused the merge: the same data is refused again.
+    FailureKind.MERGE_REJECTED: Status.FAILED_WITH_TERMINAL_ERROR,
     FailureKind.INFRASTRUCTURE: Status.FAILED,
     FailureKind.DISK_FULL: Status.FAILED,
     FailureKind.ABORTED: Status.FAILED,
@@ -129,7 +145,12 @@ def describe_validation_error(exc: ValidationError, where: str) -> str:
 
 
 def parse_input(raw: dict[str, Any], *, wants_workspace: bool) -> TaskInput:
-    """Validate the Conductor task input against the contract (not yet against lakeFS)."""
+    """Validate the Conductor task input against the contract (not yet against lakeFS).
+
+    The keys of `CONDUCTOR_INJECTED_KEYS` are dropped first; any other unknown key fails.
+    """
+    if isinstance(raw, dict):
+        raw = {k: v for k, v in raw.items() if k not in CONDUCTOR_INJECTED_KEYS}
     try:
         parsed = TaskInput.model_validate(raw)
     except ValidationError as exc:

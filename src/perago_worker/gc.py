@@ -3,24 +3,43 @@
 * Attempt folders: removed when their lock is free (the owning process is gone) and they
   are older than the threshold.
 * Staging branches (`perago-stage-<task>-<created>-<uid>`): removed when older than the
-  threshold and Conductor no longer shows their task in progress.
-* Intent branches (`perago-intent-<key>`): the publish fence's memory. Kept while their
-  workflow could still retry; removed once the workflow is terminal (or gone) and the
-  intent is older than `intent_older_than`.
+  threshold and Conductor says their task is terminal, or answers 404 for it.
+* Intent branches (`perago-intent-<key>`): the publish fence's first memory. Removed only
+  when Conductor answers 404 for their workflow (the intent commit's `perago.workflow_id`:
+  nothing can retry it any more), or says the workflow is terminal and the intent is older
+  than `intent_older_than` (a terminal workflow can still be rerun or retried by hand).
+
+Deleting an intent whose workflow can still retry gives up the publish fence's first
+memory, so nothing is deleted on a guess: when Conductor's answer is anything but one of
+those (unreachable, a timeout, 5xx after the retries, 401/403, an answer without a status,
+an intent without a workflow id) the branch is kept and listed in `GcReport.unverifiable`
+with the reason. A 404 is believed only from a server that first showed it is Conductor
+(`GET /admin/config` answered a JSON object): a wrong URL whose server answers 404 to
+everything deletes nothing.
+Every Conductor call is bounded by `conductor_retry_seconds` of retries (plus the client's
+request timeout), so gc never hangs on a server that is down.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from perago_worker import fences
-from perago_worker.conductor import Conductor, ConductorError
+from perago_worker.conductor import TERMINAL_TASK_STATES, Conductor, ConductorError
 from perago_worker.lakefs import LakeFS
+from perago_worker.preflight import read_server_config
 from perago_worker.workspace import leftovers, remove_leftover
 
 TERMINAL_WORKFLOW = frozenset({"COMPLETED", "FAILED", "TIMED_OUT", "TERMINATED"})
+WORKFLOW_ID_KEY = "perago.workflow_id"
+DEFAULT_CONDUCTOR_RETRY_SECONDS = 5.0
+# `fences.staging_branch` keeps at most 40 characters of the task id (Conductor's are UUIDs,
+# 36): a name holding that many may hold a truncated id, whose 404 says nothing.
+TASK_ID_IN_NAME_MAX = 40
 
 
 @dataclass
@@ -29,6 +48,94 @@ class GcReport:
     staging_branches: list[str] = field(default_factory=list)
     intent_branches: list[str] = field(default_factory=list)
     kept_live: list[str] = field(default_factory=list)
+    # Kept because Conductor could not say whether they are still needed ("repo:branch"),
+    # and why (same keys).
+    unverifiable: list[str] = field(default_factory=list)
+    unverifiable_reasons: dict[str, str] = field(default_factory=dict)
+
+    def keep_unverifiable(self, item: str, reason: str) -> None:
+        self.unverifiable.append(item)
+        self.unverifiable_reasons[item] = reason
+
+
+class _State(Enum):
+    GONE = "gone"  # Conductor answered 404
+    TERMINAL = "terminal"
+    LIVE = "live"
+    UNVERIFIABLE = "unverifiable"
+
+
+@dataclass(frozen=True)
+class _Answer:
+    state: _State
+    detail: str = ""
+
+    @property
+    def deletable(self) -> bool:
+        return self.state in (_State.GONE, _State.TERMINAL)
+
+
+def _short(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
+class _Oracle:
+    """Conductor's word on tasks and workflows, with every doubt kept as a doubt."""
+
+    def __init__(self, conductor: Conductor, retry_seconds: float) -> None:
+        self._conductor = conductor
+        self._retry_seconds = retry_seconds
+        self._identity: str | None = None  # None: not probed yet; "": it is Conductor
+
+    def _not_conductor(self) -> str:
+        """Empty when the server proved it is Conductor, else why it did not (probed once)."""
+        if self._identity is None:
+            try:
+                read_server_config(self._conductor, retry_seconds=self._retry_seconds)
+                self._identity = ""
+            except Exception as exc:
+                self._identity = f"cannot verify the server is Conductor ({_short(exc)})"
+        return self._identity
+
+    def _ask(self, fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, _Answer | None]:
+        doubt = self._not_conductor()
+        if doubt:
+            return None, _Answer(_State.UNVERIFIABLE, doubt)
+        try:
+            return self._conductor.call(
+                fn, *args, retry_seconds=self._retry_seconds, **kwargs
+            ), None
+        except ConductorError as exc:
+            if exc.status == 404:
+                return None, _Answer(_State.GONE, "Conductor 404")
+            return None, _Answer(_State.UNVERIFIABLE, _short(exc))
+        except Exception as exc:
+            return None, _Answer(_State.UNVERIFIABLE, _short(exc))
+
+    def task(self, task_id: str) -> _Answer:
+        task, answer = self._ask(self._conductor.tasks.get_task, task_id)
+        if answer is not None:
+            return answer
+        return self._classify(task, TERMINAL_TASK_STATES, "task")
+
+    def workflow(self, workflow_id: str) -> _Answer:
+        workflow, answer = self._ask(
+            self._conductor.workflows.get_execution_status, workflow_id, include_tasks=False
+        )
+        if answer is not None:
+            return answer
+        return self._classify(workflow, TERMINAL_WORKFLOW, "workflow")
+
+    @staticmethod
+    def _classify(found: Any, terminal: frozenset[str], what: str) -> _Answer:
+        status = getattr(found, "status", None) if found is not None else None
+        if not isinstance(status, str) or not status:
+            return _Answer(_State.UNVERIFIABLE, f"Conductor answered no {what} status")
+        if status in terminal:
+            return _Answer(_State.TERMINAL, status)
+        return _Answer(_State.LIVE, status)
 
 
 def collect(
@@ -40,6 +147,7 @@ def collect(
     older_than: float,
     intent_older_than: float = 7 * 86400,
     dry_run: bool = False,
+    conductor_retry_seconds: float = DEFAULT_CONDUCTOR_RETRY_SECONDS,
 ) -> GcReport:
     report = GcReport()
     for leftover in leftovers(scratch_root, older_than):
@@ -48,6 +156,7 @@ def collect(
             remove_leftover(leftover)
     if lakefs is None or conductor is None:
         return report
+    oracle = _Oracle(conductor, conductor_retry_seconds)
     now = time.time()
     for repository in repositories:
         for name, _head in list(lakefs.list_branches(repository, fences.STAGING_PREFIX)):
@@ -57,26 +166,43 @@ def collect(
             task_id, created = parsed
             if now - created < older_than:
                 continue
-            state = conductor.task_state(task_id)
-            if state is not None and not state.terminal:
-                report.kept_live.append(f"{repository}:{name}")
+            item = f"{repository}:{name}"
+            answer = oracle.task(task_id)
+            if answer.state is _State.GONE and len(task_id) >= TASK_ID_IN_NAME_MAX:
+                answer = _Answer(
+                    _State.UNVERIFIABLE, "the branch name may hold a truncated task id"
+                )
+            if not _settle(report, item, answer):
                 continue
-            report.staging_branches.append(f"{repository}:{name}")
+            report.staging_branches.append(item)
             if not dry_run:
                 lakefs.delete_branch(repository, name)
         for name, head in list(lakefs.list_branches(repository, fences.INTENT_PREFIX)):
             commit = lakefs.get_commit(repository, head)
-            if now - commit.creation_date < intent_older_than:
+            young = now - commit.creation_date < intent_older_than
+            item = f"{repository}:{name}"
+            workflow_id = commit.metadata.get(WORKFLOW_ID_KEY, "")
+            if not workflow_id:
+                if not young:
+                    report.keep_unverifiable(item, f"the intent's commit has no {WORKFLOW_ID_KEY}")
                 continue
-            workflow_id = commit.metadata.get("perago.workflow_id", "")
-            try:
-                status = str(conductor.get_workflow(workflow_id).status) if workflow_id else ""
-            except ConductorError:
-                status = ""  # gone: nothing can retry it any more
-            if status and status not in TERMINAL_WORKFLOW:
-                report.kept_live.append(f"{repository}:{name}")
+            answer = oracle.workflow(workflow_id)
+            if young and answer.state is _State.TERMINAL:
+                continue  # kept until it is older than intent_older_than
+            if not _settle(report, item, answer):
                 continue
-            report.intent_branches.append(f"{repository}:{name}")
+            report.intent_branches.append(item)
             if not dry_run:
                 lakefs.delete_branch(repository, name)
     return report
+
+
+def _settle(report: GcReport, item: str, answer: _Answer) -> bool:
+    """True when the branch may go; otherwise record why it stays."""
+    if answer.deletable:
+        return True
+    if answer.state is _State.LIVE:
+        report.kept_live.append(item)
+    else:
+        report.keep_unverifiable(item, answer.detail)
+    return False

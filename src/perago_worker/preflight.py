@@ -1,24 +1,48 @@
 """Validate before taking tasks: the order is the order an operator would debug in.
 
-settings -> handlers import -> Conductor -> lakeFS -> each allowed repository (read and
-write) -> scratch root (writable, free disk) -> task definitions present and compatible.
-A check that cannot run because an earlier one failed is reported as skipped.
+settings -> handlers import -> Conductor -> Conductor version -> lakeFS -> each allowed
+repository (read and write) -> scratch root (writable, free disk) -> task definitions present
+and compatible. A check that cannot run because an earlier one failed is reported as skipped;
+a check that passed with a reservation is reported as a warning (it does not stop `run`).
+
+The fences rely on Conductor behaviours that only some releases have (docs/operations.md,
+"Conductor version"), so the server's version is read (`GET {url}/admin/config`, the build
+properties' `version`) and compared with `SUPPORTED_CONDUCTOR`. Outside the range the check
+fails unless `conductor.allow_unsupported_version` is set; a version that cannot be read is
+a warning.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from perago_worker.app import Worker
 from perago_worker.conductor import Conductor
+from perago_worker.devstack.tools import CONDUCTOR_VERSION as TESTED_CONDUCTOR
 from perago_worker.lakefs import LakeFS, LakeFSError, NotFound, Unauthorized
 from perago_worker.register import COMPATIBILITY_FIELDS, drift, task_def_for
 from perago_worker.settings import Settings
 from perago_worker.workspace import free_bytes
+
+Version = tuple[int, int, int]
+
+# The Conductor releases the fences are proven on: [minimum, maximum) by (major, minor, patch).
+# The fences and the contract rely on behaviours read from conductor-oss: rerun resets the
+# task's pollCount (WorkflowExecutorOps, from 3.31.2) and dynamic forks put `__index` into each
+# forked task's input (ForkJoinDynamicTaskMapper, from 3.16.0). Only the 3.32 line is proven
+# by the suite (tested: devstack.tools.CONDUCTOR_VERSION); a new minor line is supported once
+# the suite has run on it.
+SUPPORTED_CONDUCTOR: tuple[Version, Version] = ((3, 32, 0), (3, 33, 0))
+VERSION_CHECK = "Conductor version supported"
+ADMIN_CONFIG_PATH = "/admin/config"
+
+_VERSION = re.compile(r"^\s*v?(\d+)\.(\d+)\.(\d+)(?:[-+.][0-9A-Za-z.+-]*)?\s*$")
 
 
 @dataclass(frozen=True)
@@ -26,10 +50,58 @@ class Result:
     name: str
     ok: bool | None  # None: skipped
     detail: str
+    warning: bool = False  # passed with a reservation: shown, but does not stop `run`
 
     @property
     def mark(self) -> str:
+        if self.ok and self.warning:
+            return "warn"
         return {True: "ok", False: "FAIL", None: "skip"}[self.ok]
+
+
+def parse_version(text: object) -> Version | None:
+    """(major, minor, patch) of `3.32.3`, `v3.32.3` or `3.32.3-SNAPSHOT`; None otherwise."""
+    if not isinstance(text, str):
+        return None
+    match = _VERSION.match(text)
+    if match is None:
+        return None
+    major, minor, patch = (int(g) for g in match.groups())
+    return major, minor, patch
+
+
+def version_supported(
+    version: Version, bounds: tuple[Version, Version] = SUPPORTED_CONDUCTOR
+) -> bool:
+    low, high = bounds
+    return low <= version < high
+
+
+def describe_supported(bounds: tuple[Version, Version] = SUPPORTED_CONDUCTOR) -> str:
+    """`>= 3.32.0, < 3.33.0 (tested: 3.32.3)`."""
+    low, high = (".".join(str(p) for p in b) for b in bounds)
+    return f">= {low}, < {high} (tested: {TESTED_CONDUCTOR})"
+
+
+def read_server_config(conductor: Conductor, *, retry_seconds: float = 5.0) -> dict[str, Any]:
+    """`GET {url}/admin/config`: Conductor's configuration plus its build properties.
+
+    Raises what the call raises (`ConductorError` with the HTTP status, 0 when unreachable)
+    and `ValueError` when the answer is not a JSON object: whatever answered is not Conductor.
+    """
+    api = conductor.metadata.api_client
+    data = conductor.call(
+        api.call_api,
+        ADMIN_CONFIG_PATH,
+        "GET",
+        header_params={"Accept": "application/json"},
+        response_type="object",
+        _return_http_data_only=True,
+        retry_seconds=retry_seconds,
+    )
+    if not isinstance(data, dict):
+        raise ValueError(f"{conductor.url}{ADMIN_CONFIG_PATH} did not answer a JSON object")
+    return data
 
 
 def _short(exc: BaseException) -> str:
@@ -64,6 +136,12 @@ def run_preflight(
         lambda: f"{len(conductor.get_task_defs())} task definition(s) at {conductor.url}",
         hint="check PERAGO_CONDUCTOR__URL and the auth key/secret",
     )
+    if conductor_ok:
+        results.append(
+            version_check(conductor, allow_unsupported=settings.conductor.allow_unsupported_version)
+        )
+    else:
+        results.append(Result(VERSION_CHECK, None, "skipped: Conductor unavailable"))
     lakefs_ok = _step(
         results,
         "lakeFS reachable and authorized",
@@ -86,6 +164,45 @@ def run_preflight(
     else:
         _step(results, name, lambda: _definitions_probe(app, conductor))
     return results
+
+
+def version_check(conductor: Conductor, *, allow_unsupported: bool) -> Result:
+    """The server's version against `SUPPORTED_CONDUCTOR` (unreadable: a warning)."""
+    supported = describe_supported()
+    try:
+        raw = read_server_config(conductor).get("version")
+    except Exception as exc:
+        return Result(
+            VERSION_CHECK,
+            True,
+            f"cannot read the server version ({_short(exc)}); supported: {supported}",
+            warning=True,
+        )
+    version = parse_version(raw)
+    if version is None:
+        return Result(
+            VERSION_CHECK,
+            True,
+            f"the server reports no usable version ({raw!r:.80}); supported: {supported}",
+            warning=True,
+        )
+    if version_supported(version):
+        return Result(VERSION_CHECK, True, f"Conductor {raw}, in the supported range {supported}")
+    detail = f"Conductor {raw} is outside the supported range {supported}"
+    if allow_unsupported:
+        return Result(
+            VERSION_CHECK,
+            True,
+            f"{detail}; running anyway (conductor.allow_unsupported_version): the fences are "
+            "not proven on this version",
+            warning=True,
+        )
+    return Result(
+        VERSION_CHECK,
+        False,
+        f"{detail}: upgrade Conductor, or set PERAGO_CONDUCTOR__ALLOW_UNSUPPORTED_VERSION=true "
+        "to run unproven",
+    )
 
 
 def _step(results: list[Result], name: str, probe: Callable[[], str], hint: str = "") -> bool:

@@ -90,15 +90,20 @@ def result_metadata(result: dict[str, Any]) -> str:
 
 def commit_staged(
     lakefs: LakeFS, repository: str, branch: str, message: str, metadata: dict[str, str]
-) -> str:
+) -> str | None:
+    """Commit the staging branch; None when lakeFS finds nothing changed.
+
+    "No changes" has two causes: a retried commit whose first request landed (the head then
+    carries our execution key and is the answer), or uploads whose bytes equal what the
+    input commit already held (nothing to publish, which is a success, not an error).
+    """
     try:
         return lakefs.commit(repository, branch, message, metadata).id
     except NoChanges:
-        # A retried commit whose first request landed: the head is ours if it carries our key.
         head = lakefs.get_commit(repository, lakefs.branch_head(repository, branch))
         if head.metadata.get(fences.META_EXECUTION) == metadata.get(fences.META_EXECUTION):
             return head.id
-        raise
+        return None
 
 
 def claim(lakefs: LakeFS, execution: Execution, staged_commit: str) -> str:

@@ -44,13 +44,21 @@ class AttemptDir:
         scratch_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = scratch_root / f"{safe_name(task_id)}-{uuid.uuid4().hex[:12]}"
         path.mkdir(mode=0o700)  # fails if it exists: never reuse
-        lock = (path / "lock").open("w")
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        (path / "attempt.json").write_text(
-            json.dumps({**owner, "pid": os.getpid(), "created": time.time()})
-        )
-        root = path / "ws"
-        root.mkdir(mode=0o700)
+        lock: IO[str] | None = None
+        try:
+            lock = (path / "lock").open("w")
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            (path / "attempt.json").write_text(
+                json.dumps({**owner, "pid": os.getpid(), "created": time.time()})
+            )
+            root = path / "ws"
+            root.mkdir(mode=0o700)
+        except BaseException:
+            # A half-made folder (disk full, a bad owner record) must not outlive the call.
+            if lock is not None:
+                lock.close()
+            _remove_tree(path)
+            raise
         return cls(path, root, lock)
 
     def record(self, **fields: Any) -> None:

@@ -27,8 +27,10 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
+from perago_worker import preflight
 from perago_worker.app import load_app
 from perago_worker.contract import Status
+from perago_worker.devstack import tools
 from perago_worker.observability import metrics
 from perago_worker.settings import Settings
 
@@ -768,3 +770,201 @@ def test_operations_guide_troubleshooting_order() -> None:
     steps = ["process", "network", "credentials", "disk and memory", "handler compatibility"]
     positions = [section.index(f"### {i}. {step}") for i, step in enumerate(steps, 1)]
     assert positions == sorted(positions)
+
+
+# -- one Conductor version everywhere ---------------------------------------------------------
+
+# An image reference to a Conductor server (`conductoross/conductor:3.32.3`, also with a
+# registry or a `${VAR:-default}` around it) and a prose mention (`Conductor OSS 3.32.3`).
+CONDUCTOR_IMAGE = re.compile(
+    r"(?P<image>[\w./-]*conductor[\w./-]*):(?P<tag>v?\d+\.\d+\.\d+[\w.+-]*)"
+)
+CONDUCTOR_MENTION = re.compile(r"\bConductor(?: OSS)?\s+`?v?(?P<version>\d+\.\d+\.\d+)", re.I)
+VERSION_DOCS = [ROOT / "README.md", OPERATIONS]
+
+
+def deploy_files() -> list[Path]:
+    return sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file())
+
+
+def declared_images() -> list[tuple[str, str]]:
+    """(where, image) of every container image the compose file and the manifests declare."""
+    found = [
+        (f"compose service {name}", str(service["image"]))
+        for name, service in load_one(COMPOSE)["services"].items()
+        if "image" in service
+    ]
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in load_all(path):
+            pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for container in pod.get("containers", []) + pod.get("initContainers", []):
+                found.append((f"{path.name} {container['name']}", str(container["image"])))
+    return found
+
+
+def test_every_conductor_image_in_deploy_is_the_tested_version() -> None:
+    conductor = [(w, i) for w, i in declared_images() if "conductor" in i.lower()]
+    assert conductor, "compose runs a Conductor server"
+    for where, image in conductor:
+        name, _, tag = image.rpartition(":")
+        assert "$" not in image, f"{where}: {image} is not pinned (a variable can change it)"
+        assert name == "conductoross/conductor", f"{where}: {image} is not the conductor-oss image"
+        assert tag == tools.CONDUCTOR_VERSION, f"{where}: {image} is not {tools.CONDUCTOR_VERSION}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*deploy_files(), *VERSION_DOCS],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_every_conductor_version_named_is_the_tested_version(path: Path) -> None:
+    text = path.read_text()
+    named = [m.group("tag") for m in CONDUCTOR_IMAGE.finditer(text)]
+    named += [m.group("version") for m in CONDUCTOR_MENTION.finditer(text)]
+    wrong = [v for v in named if v.removeprefix("v") != tools.CONDUCTOR_VERSION]
+    assert wrong == [], (
+        f"{path.name} names Conductor {wrong}, the suite runs {tools.CONDUCTOR_VERSION}"
+    )
+
+
+def test_the_version_scan_finds_what_it_must_and_nothing_else() -> None:
+    tags = [
+        m.group("tag")
+        for m in CONDUCTOR_IMAGE.finditer(
+            "image: ${CONDUCTOR_IMAGE:-conductoross/conductor-standalone:3.15.0}\n"
+            "url: http://conductor:8080/api\n"
+            "url: http://conductor-server.conductor.svc.cluster.local:8080/api\n"
+            "image: ghcr.io/acme/conductor:v3.32.1\n"
+        )
+    ]
+    assert tags == ["3.15.0", "v3.32.1"]
+    mentions = [
+        m.group("version")
+        for m in CONDUCTOR_MENTION.finditer(
+            "runs against Conductor OSS 3.32.3; the Conductor OSS `3.31.2` server; Conductor 3.15.0"
+        )
+    ]
+    assert mentions == ["3.32.3", "3.31.2", "3.15.0"]
+
+
+def test_the_tested_conductor_version_is_inside_the_supported_range() -> None:
+    version = preflight.parse_version(tools.CONDUCTOR_VERSION)
+    assert version is not None
+    assert preflight.version_supported(version)
+    low, high = preflight.SUPPORTED_CONDUCTOR
+    assert (low, high) == ((3, 32, 0), (3, 33, 0))
+    assert "3.32.x" in OPERATIONS.read_text() and f"tested: {tools.CONDUCTOR_VERSION}" in (
+        OPERATIONS.read_text()
+    )
+
+
+# -- the version comparison (pure) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("3.32.3", (3, 32, 3)),
+        ("3.32.3-SNAPSHOT", (3, 32, 3)),
+        ("v3.32.3", (3, 32, 3)),
+        ("3.32.10", (3, 32, 10)),
+        (" 3.32.3\n", (3, 32, 3)),
+        ("3.33.0-rc.1", (3, 33, 0)),
+        ("3.32.3+build.7", (3, 32, 3)),
+    ],
+)
+def test_parse_version(text: str, expected: tuple[int, int, int]) -> None:
+    assert preflight.parse_version(text) == expected
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "",
+        "garbage",
+        "3.32",
+        "3",
+        "3.32.x",
+        "latest",
+        "v",
+        "3.32.3 beta",
+        "x3.32.3",
+        None,
+        3,
+        3.32,
+        ["3.32.3"],
+    ],
+)
+def test_parse_version_rejects_garbage(garbage: object) -> None:
+    assert preflight.parse_version(garbage) is None
+
+
+@pytest.mark.parametrize(
+    ("version", "supported"),
+    [
+        ((3, 32, 0), True),
+        ((3, 32, 3), True),
+        ((3, 32, 99), True),
+        ((3, 31, 2), False),
+        ((3, 21, 0), False),
+        ((3, 15, 0), False),
+        ((3, 33, 0), False),
+        ((4, 0, 0), False),
+        ((2, 99, 99), False),
+    ],
+)
+def test_version_supported_bounds(version: tuple[int, int, int], supported: bool) -> None:
+    assert preflight.version_supported(version) is supported
+
+
+class _FakeConductor:
+    url = "http://conductor.test/api"
+
+    def __init__(self, answer: Any) -> None:
+        self._answer = answer
+        self.metadata = type("M", (), {"api_client": type("A", (), {"call_api": self._call})()})()
+
+    def _call(self, path: str, method: str, **_: Any) -> Any:
+        assert (path, method) == (preflight.ADMIN_CONFIG_PATH, "GET")
+        if isinstance(self._answer, BaseException):
+            raise self._answer
+        return self._answer
+
+    def call(self, fn: Any, *args: Any, retry_seconds: float | None = None, **kwargs: Any) -> Any:
+        assert retry_seconds is not None and retry_seconds <= 10, "the read is bounded"
+        return fn(*args, **kwargs)
+
+
+def _check(answer: Any, allow: bool = False) -> preflight.Result:
+    return preflight.version_check(_FakeConductor(answer), allow_unsupported=allow)  # type: ignore[arg-type]
+
+
+def test_version_check_passes_in_the_range() -> None:
+    result = _check({"version": "3.32.3", "buildDate": "x"})
+    assert (result.ok, result.warning, result.mark) == (True, False, "ok")
+    assert "3.32.3" in result.detail
+
+
+@pytest.mark.parametrize("version", ["3.15.0", "3.31.2", "3.33.0", "4.0.0-SNAPSHOT"])
+def test_version_check_fails_outside_the_range_naming_version_and_range(version: str) -> None:
+    result = _check({"version": version})
+    assert (result.ok, result.mark) == (False, "FAIL")
+    assert version in result.detail and ">= 3.32.0, < 3.33.0" in result.detail
+    assert "ALLOW_UNSUPPORTED_VERSION" in result.detail
+
+
+def test_version_check_only_warns_outside_the_range_when_allowed() -> None:
+    result = _check({"version": "3.15.0"}, allow=True)
+    assert (result.ok, result.warning, result.mark) == (True, True, "warn")
+    assert "3.15.0" in result.detail and "allow_unsupported_version" in result.detail
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{}, {"version": "garbage"}, {"version": None}, {"version": 3}, [], None, RuntimeError("404")],
+    ids=["no-version", "garbage", "null", "number", "list", "empty", "error"],
+)
+def test_version_check_warns_when_the_version_cannot_be_read(answer: Any) -> None:
+    result = _check(answer)
+    assert (result.ok, result.warning, result.mark) == (True, True, "warn")
+    assert ">= 3.32.0, < 3.33.0" in result.detail

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from perago_testing import one_task_workflow, seed, suffix, workspace
+from perago_testing import new_repository, one_task_workflow, seed, suffix, workspace
+from perago_worker import fences, preflight
 from perago_worker.conductor import Conductor
+from perago_worker.devstack import tools
 from perago_worker.devstack.demo import wait_for_workflow
 from perago_worker.devstack.servers import Endpoints, free_port
 from perago_worker.devstack.worker_process import WorkerProcess, start_worker
+from perago_worker.gc import collect
 from perago_worker.lakefs import LakeFS
 
 S = suffix()
@@ -328,3 +337,245 @@ def test_several_processes_share_one_port_and_their_metrics_add_up(
         assert len(status["processes"]) == 2 and all(status["processes"].values())
     finally:
         assert multi.stop() == 0
+
+
+# -- gc deletes only on Conductor's clear word ----------------------------------------------------
+
+
+class _Canned(BaseHTTPRequestHandler):
+    """Answers every request from a table: path -> (status, JSON body), else `default`."""
+
+    routes: dict[str, tuple[int, bytes]] = {}
+    default: tuple[int, bytes] = (503, b'{"status":503,"message":"unavailable"}')
+    hits: list[str]
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        path = self.path.split("?", 1)[0]
+        self.hits.append(f"{self.command} {path}")
+        status, body = self.routes.get(path, self.default)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def canned_conductor(
+    default: tuple[int, bytes], routes: dict[str, tuple[int, bytes]] | None = None
+) -> Iterator[tuple[str, list[str]]]:
+    """A tiny local HTTP server standing in for Conductor: yields its API URL and the hits."""
+    hits: list[str] = []
+    handler = type(
+        "Handler", (_Canned,), {"routes": routes or {}, "default": default, "hits": hits}
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/api", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def leftover_branches(lakefs: LakeFS, tmp_path: Path, workflow_id: str) -> tuple[str, str, str]:
+    """A repository with one intent branch (of `workflow_id`) and one stale staging branch."""
+    repo = new_repository(lakefs, "gc")
+    source = f"attempt-{suffix()}"
+    lakefs.create_branch(repo, source, "main", hidden=False)
+    staged = tmp_path / "staged.txt"
+    staged.write_text("staged")
+    lakefs.upload(repo, source, "gc/staged.txt", staged)
+    commit = lakefs.commit(repo, source, "staged", {"perago.workflow_id": workflow_id})
+    intent = fences.INTENT_PREFIX + secrets.token_hex(24)
+    assert len(intent) == len(fences.INTENT_PREFIX) + 48
+    lakefs.create_branch(repo, intent, commit.id, hidden=True)
+    staging = fences.staging_branch(str(uuid.uuid4()), uuid.uuid4().hex[:8], time.time() - 7200)
+    assert fences.parse_staging_branch(staging) is not None
+    lakefs.create_branch(repo, staging, "main", hidden=True)
+    return repo, intent, staging
+
+
+def branches(lakefs: LakeFS, repo: str) -> set[str]:
+    return {
+        name
+        for prefix in (fences.STAGING_PREFIX, fences.INTENT_PREFIX)
+        for name, _ in lakefs.list_branches(repo, prefix)
+    }
+
+
+@pytest.mark.parametrize("answer", ["refused", "503", "403"])
+def test_gc_deletes_no_branch_when_conductor_cannot_answer(
+    lakefs: LakeFS, tmp_path: Path, answer: str
+) -> None:
+    """Connection refused, 5xx after the retries, 403: every branch is kept, as unverifiable."""
+    repo, intent, staging = leftover_branches(lakefs, tmp_path, str(uuid.uuid4()))
+    with contextlib.ExitStack() as stack:
+        if answer == "refused":
+            url, hits = f"http://127.0.0.1:{free_port()}/api", []
+        else:
+            status = int(answer)
+            body = json.dumps({"status": status, "message": "no"}).encode()
+            url, hits = stack.enter_context(canned_conductor((status, body)))
+        started = time.monotonic()
+        report = collect(
+            tmp_path / "scratch",
+            lakefs,
+            Conductor(url),
+            [repo],
+            older_than=0,
+            intent_older_than=0,
+            conductor_retry_seconds=1,
+        )
+        elapsed = time.monotonic() - started
+    assert branches(lakefs, repo) == {intent, staging}
+    assert report.staging_branches == [] and report.intent_branches == []
+    assert report.kept_live == []
+    assert sorted(report.unverifiable) == sorted([f"{repo}:{intent}", f"{repo}:{staging}"])
+    if answer != "refused":
+        assert hits and all(h.startswith("GET /api/") for h in hits)
+        assert all(answer in r for r in report.unverifiable_reasons.values())
+    assert elapsed < 30, "the Conductor calls are bounded"
+
+
+def test_gc_deletes_the_intent_and_staging_branch_conductor_answers_404_for(
+    lakefs: LakeFS, conductor: Conductor, tmp_path: Path
+) -> None:
+    repo, intent, staging = leftover_branches(lakefs, tmp_path, str(uuid.uuid4()))
+    report = collect(
+        tmp_path / "scratch",
+        lakefs,
+        conductor,
+        [repo],
+        older_than=0,
+        intent_older_than=0,
+        conductor_retry_seconds=1,
+    )
+    assert report.intent_branches == [f"{repo}:{intent}"]
+    assert report.staging_branches == [f"{repo}:{staging}"]
+    assert report.unverifiable == [] and report.kept_live == []
+    assert branches(lakefs, repo) == set()
+
+
+def test_gc_cli_lists_unverifiable_branches(
+    env: dict[str, str], lakefs: LakeFS, tmp_path: Path
+) -> None:
+    repo, intent, staging = leftover_branches(lakefs, tmp_path, str(uuid.uuid4()))
+    with canned_conductor((503, b"{}")) as (url, _):
+        result = cli(
+            {**env, "PERAGO_CONDUCTOR__URL": url},
+            "gc",
+            "--repository",
+            repo,
+            "--older-than",
+            "0",
+            "--intent-older-than",
+            "0",
+        )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith(f"kept (unverifiable) {repo}:{intent}: ") for line in lines)
+    assert any(line.startswith(f"kept (unverifiable) {repo}:{staging}: ") for line in lines)
+    assert lines[-1].endswith(
+        "0 staging branch(es), 0 intent branch(es); kept 0 live, 2 unverifiable"
+    )
+    assert branches(lakefs, repo) == {intent, staging}
+
+
+# -- the Conductor version ---------------------------------------------------------------------------
+
+
+def test_preflight_reads_the_running_conductor_version_and_passes(conductor: Conductor) -> None:
+    assert preflight.read_server_config(conductor)["version"] == tools.CONDUCTOR_VERSION
+    result = preflight.version_check(conductor, allow_unsupported=False)
+    assert result.ok is True and not result.warning and result.mark == "ok"
+    assert tools.CONDUCTOR_VERSION in result.detail
+
+
+def _fake_conductor_routes(version: object) -> dict[str, tuple[int, bytes]]:
+    config = {"version": version} if version is not None else {"some.property": "x"}
+    return {
+        "/api/admin/config": (200, json.dumps(config).encode()),
+        "/api/metadata/taskdefs": (200, b"[]"),
+    }
+
+
+def _version_line(stdout: str) -> str:
+    [line] = [line for line in stdout.splitlines() if preflight.VERSION_CHECK in line]
+    return line
+
+
+def test_check_fails_on_an_unsupported_conductor_naming_version_and_range(
+    env: dict[str, str],
+) -> None:
+    with canned_conductor((404, b"{}"), _fake_conductor_routes("3.15.0")) as (url, _):
+        result = cli({**env, "PERAGO_CONDUCTOR__URL": url}, "check", APP)
+        allowed = cli(
+            {
+                **env,
+                "PERAGO_CONDUCTOR__URL": url,
+                "PERAGO_CONDUCTOR__ALLOW_UNSUPPORTED_VERSION": "true",
+            },
+            "check",
+            APP,
+        )
+    assert result.returncode == 1
+    line = _version_line(result.stdout)
+    assert line.startswith("FAIL") and "3.15.0" in line and ">= 3.32.0, < 3.33.0" in line
+    line = _version_line(allowed.stdout)
+    assert line.startswith("warn") and "3.15.0" in line and "allow_unsupported_version" in line
+
+
+@pytest.mark.parametrize("version", [None, "unknown", 3], ids=["missing", "garbage", "not-text"])
+def test_check_warns_when_the_conductor_version_cannot_be_read(
+    env: dict[str, str], version: object
+) -> None:
+    with canned_conductor((404, b"{}"), _fake_conductor_routes(version)) as (url, _):
+        result = cli({**env, "PERAGO_CONDUCTOR__URL": url}, "check", APP)
+    line = _version_line(result.stdout)
+    assert line.startswith("warn"), line
+    assert ">= 3.32.0, < 3.33.0" in line
+
+
+def test_check_warns_when_conductor_has_no_admin_config_endpoint(env: dict[str, str]) -> None:
+    routes = {"/api/metadata/taskdefs": (200, b"[]")}
+    with canned_conductor((404, b'{"status":404}'), routes) as (url, _):
+        result = cli({**env, "PERAGO_CONDUCTOR__URL": url}, "check", APP)
+    line = _version_line(result.stdout)
+    assert line.startswith("warn") and "cannot read the server version" in line
+
+
+def test_run_refuses_an_unsupported_conductor_unless_allowed(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    base = {**env, "PERAGO_HTTP_PORT": "0", "PERAGO_SCRATCH_ROOT": str(tmp_path / "scratch")}
+    with canned_conductor((404, b"{}"), _fake_conductor_routes("3.31.2")) as (url, _):
+        refused = cli({**base, "PERAGO_CONDUCTOR__URL": url}, "run", APP)
+        allowed = cli(
+            {
+                **base,
+                "PERAGO_CONDUCTOR__URL": url,
+                "PERAGO_CONDUCTOR__ALLOW_UNSUPPORTED_VERSION": "true",
+            },
+            "run",
+            APP,
+        )
+    assert refused.returncode == 2
+    assert "preflight failed: Conductor version supported: Conductor 3.31.2 is outside" in (
+        refused.stderr
+    )
+    # Allowed, it warns and goes on: the next failure is the fake's missing task definitions.
+    assert allowed.returncode == 2
+    assert "preflight failed: task definitions present and compatible" in allowed.stderr
+    warn = [ln for ln in allowed.stderr.splitlines() if preflight.VERSION_CHECK in ln]
+    assert warn and "warn" in warn[0] and "3.31.2" in warn[0]

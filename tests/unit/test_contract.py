@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from perago_worker.contract import (
+    CONDUCTOR_INJECTED_KEYS,
     MAX_REASON,
     FailureKind,
     Status,
@@ -57,6 +58,41 @@ def test_parse_input_accepts_workspace_free_input() -> None:
 def test_parse_input_rejects_unknown_top_level_key_naming_it() -> None:
     failure = _invalid({"workspace": _workspace(), "prefix": "/audio"})
     assert "prefix:" in failure.reason
+    assert "Extra inputs are not permitted" in failure.reason
+
+
+def test_conductor_injected_keys_are_exactly_the_ones_conductor_injects() -> None:
+    # ForkJoinDynamicTaskMapper (forkTaskName/forkTaskInputs) is the only injector in 3.32.
+    assert frozenset({"__index"}) == CONDUCTOR_INJECTED_KEYS
+
+
+@pytest.mark.parametrize("wants_workspace", [True, False])
+def test_parse_input_accepts_and_drops_the_dynamic_fork_index(wants_workspace: bool) -> None:
+    raw: dict[str, Any] = {"params": {"n": 1}, "__index": 3}
+    if wants_workspace:
+        raw["workspace"] = _workspace()
+    parsed = parse_input(raw, wants_workspace=wants_workspace)
+    assert parsed.params == {"n": 1}
+    assert "__index" not in parsed.model_dump()
+    assert raw["__index"] == 3, "the caller's input is not mutated"
+
+
+def test_parse_input_with_only_the_fork_index_has_empty_params() -> None:
+    parsed = parse_input({"__index": 0}, wants_workspace=False)
+    assert parsed.params == {}
+
+
+def test_parse_input_still_rejects_an_unknown_user_key_next_to_the_fork_index() -> None:
+    failure = _invalid({"workspace": _workspace(), "__index": 0, "foo": 1})
+    assert "foo:" in failure.reason
+    assert "Extra inputs are not permitted" in failure.reason
+    assert "__index" not in failure.reason
+
+
+@pytest.mark.parametrize("key", ["foo", "__other", "_index", "__index__", "__INDEX"])
+def test_parse_input_rejects_keys_conductor_does_not_inject(key: str) -> None:
+    failure = _invalid({"workspace": _workspace(), key: 1})
+    assert f"{key}:" in failure.reason
     assert "Extra inputs are not permitted" in failure.reason
 
 
@@ -148,6 +184,7 @@ TERMINAL = [
     FailureKind.INVALID_RESULT,
     FailureKind.UNPUBLISHABLE,
     FailureKind.MERGE_CONFLICT,
+    FailureKind.MERGE_REJECTED,
 ]
 RETRYABLE = [
     FailureKind.HANDLER_ERROR,
