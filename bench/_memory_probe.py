@@ -62,7 +62,8 @@ def run_perago(args: argparse.Namespace, url: str, key: str, secret: str) -> dic
     new_file.rename(inside)  # a rename, not a copy: no extra GiB written, one link only
     try:
         started = time.perf_counter()
-        changes = diff(manifest, scan(root))
+        scanned = scan(root)
+        changes = diff(manifest, scanned, root=root)
         assert [f.rel.name for f in changes.added] == ["new.bin"], changes.summary()
         lakefs.create_branch(args.repo, args.target, args.ref, hidden=False)
         staging = args.target + "-staging"
@@ -74,6 +75,7 @@ def run_perago(args: argparse.Namespace, url: str, key: str, secret: str) -> dic
             args.prefix,
             root,
             changes,
+            scanned=scanned,
             concurrency=args.concurrency,
         )
         commit_staged(lakefs, args.repo, staging, "bench: memory probe", {"bench": "memory"})

@@ -7,20 +7,35 @@ at import time with a clear message, not on the first task at 3 a.m.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel
 
+from perago_worker.changes import VERIFY_MODES, Verify
 from perago_worker.checks import Check
 from perago_worker.context import TaskContext
 from perago_worker.paths import InvalidPrefix, normalize_prefix
 
 DEFAULT_RESPONSE_TIMEOUT = 300
 TASK_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+# How a handler runs (see `invocation`): on a thread of the worker, or in a child process
+# that can be killed at the deadline.
+Isolation = Literal["thread", "process"]
+ISOLATIONS: tuple[str, ...] = get_args(Isolation)
+
+
+def conductor_timeout_seconds(response_timeout_seconds: int) -> int:
+    """The `timeoutSeconds` a registered definition gets: when Conductor times the task out.
+
+    Without a `timeout` (per task or `task_timeout_seconds`) it is also the attempt's
+    deadline, so a hung handler holds its slot no longer than Conductor waits for it.
+    """
+    return max(3600, 4 * response_timeout_seconds)
 
 
 class RegistrationError(TypeError):
@@ -33,9 +48,15 @@ class WorkspaceSpec:
 
     The default `/` exposes the whole repository; `/audio/render` maps the objects under
     `audio/render/` to the root of the local workspace.
+
+    `verify` decides how a file the handler left is compared with what it was given (see
+    docs/handlers.md, "What counts as a change"): `"stat"` (the default) reads a file only
+    when its stat signature moved; `"hash"` reads every file that kept its size, for file
+    systems whose ctime cannot be trusted.
     """
 
     prefix: str = "/"
+    verify: Verify = "stat"
     key_prefix: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -43,6 +64,11 @@ class WorkspaceSpec:
             object.__setattr__(self, "key_prefix", normalize_prefix(self.prefix))
         except InvalidPrefix as exc:
             raise RegistrationError(f"WorkspaceSpec: {exc}") from None
+        if self.verify not in VERIFY_MODES:
+            raise RegistrationError(
+                f"WorkspaceSpec: verify must be one of {', '.join(VERIFY_MODES)}, "
+                f"got {self.verify!r}"
+            )
 
 
 Handler = Callable[[TaskContext, Any], BaseModel]
@@ -60,16 +86,32 @@ class TaskSpec:
     post: tuple[Check, ...]
     response_timeout_seconds: int
     description: str
+    timeout_seconds: float | None = None  # None: the settings default (`task_timeout_seconds`)
+    isolation: Isolation | None = None  # None: the settings default (`task_isolation`)
+    # The `module:attribute` the app was loaded from (set by `load_app`): a child process
+    # finds the handler through it when the function is not importable by its own name.
+    app_path: str | None = None
 
     @property
     def qualname(self) -> str:
         return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+    @property
+    def conductor_timeout_seconds(self) -> int:
+        return conductor_timeout_seconds(self.response_timeout_seconds)
 
 
 def _models_from_hints(
     name: str, fn: Callable[..., Any]
 ) -> tuple[type[BaseModel], type[BaseModel]]:
     where = f"task {name!r} ({getattr(fn, '__qualname__', fn)!r})"
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        # Registered, it would fail every task as `invalid_result` (the coroutine is never
+        # awaited). Issue 14 makes async handlers first-class; until then, refuse them here.
+        raise RegistrationError(
+            f"{where}: `async def` handlers are not supported yet; write a plain `def` "
+            "(call your coroutine with asyncio.run(...) inside it if you must)"
+        )
     params = list(inspect.signature(fn).parameters.values())
     if len(params) != 2:
         raise RegistrationError(
@@ -115,11 +157,17 @@ class Worker:
         post: Sequence[Check] = (),
         response_timeout_seconds: int = DEFAULT_RESPONSE_TIMEOUT,
         description: str = "",
+        timeout: float | None = None,
+        isolation: Isolation | None = None,
     ) -> Callable[[F], F]:
         """Register `fn` as the handler of Conductor task type `name`.
 
         Without `workspace` the task is workspace-free: no attempt directory, no lakeFS
         access, and its input must not carry a `workspace`.
+
+        `timeout` (seconds) bounds each attempt up to the start of its publish; `isolation`
+        says where the handler runs (`"thread"` or `"process"`, see docs/handlers.md,
+        "Deadlines and isolation"). Either defaults to the worker's settings.
         """
         import re
 
@@ -144,6 +192,17 @@ class Worker:
                 )
         if response_timeout_seconds < 1:
             raise RegistrationError(f"task {name!r}: response_timeout_seconds must be >= 1")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+        ):
+            raise RegistrationError(
+                f"task {name!r}: timeout must be a number of seconds > 0, got {timeout!r}"
+            )
+        if isolation is not None and isolation not in ISOLATIONS:
+            raise RegistrationError(
+                f"task {name!r}: isolation must be one of {', '.join(ISOLATIONS)}, "
+                f"got {isolation!r}"
+            )
 
         def register(fn: F) -> F:
             params_model, result_model = _models_from_hints(name, fn)
@@ -157,6 +216,8 @@ class Worker:
                 post=tuple(post),
                 response_timeout_seconds=response_timeout_seconds,
                 description=description or (inspect.getdoc(fn) or "").split("\n")[0],
+                timeout_seconds=None if timeout is None else float(timeout),
+                isolation=isolation,
             )
             return fn
 
@@ -174,4 +235,7 @@ def load_app(target: str) -> Worker:
     app = getattr(module, attribute, None)
     if not isinstance(app, Worker):
         raise RegistrationError(f"{target} is {type(app).__name__}, not a perago_worker.Worker")
+    for name, spec in app._tasks.items():
+        if spec.app_path is None:
+            app._tasks[name] = dataclasses.replace(spec, app_path=target)
     return app

@@ -21,11 +21,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from perago_worker import faultpoints, fences, publish
+from perago_worker import faultpoints, fences, invocation, publish
 from perago_worker._version import __version__
 from perago_worker.app import TaskSpec
 from perago_worker.cache import ObjectCache
-from perago_worker.changes import FileSignature, Manifest, Unpublishable, diff, scan
+from perago_worker.changes import Manifest, Unpublishable, diff, scan
 from perago_worker.checks import Check, run_checks
 from perago_worker.conductor import Conductor
 from perago_worker.context import AttemptWorkspace, Cancelled, TaskContext
@@ -45,7 +45,7 @@ from perago_worker.fences import Incarnation, LineageError, Target
 from perago_worker.lakefs import Conflict, HookRejected, LakeFS, NotFound
 from perago_worker.materialize import materialize
 from perago_worker.observability import metrics
-from perago_worker.paths import relative_to_key
+from perago_worker.paths import UnsafeKey, distinct_names, relative_to_key
 from perago_worker.settings import Settings
 from perago_worker.workspace import AttemptDir, free_bytes
 
@@ -177,22 +177,31 @@ class Attempt:
             ) from None
 
     def _handle(self, params: BaseModel) -> dict[str, Any]:
+        """Run the handler where its task says (`invocation`) and check what it returned."""
+        settings = self.deps.settings
         with self.phase("handler"):
             try:
-                returned = self.spec.fn(self.ctx, params)
+                returned = invocation.run_handler(self.spec, self.ctx, params, settings)
             except TerminalError as exc:
                 raise TaskFailure(FailureKind.HANDLER_TERMINAL, f"{exc}") from None
+            except invocation.DeadlineExceeded as exc:
+                timeout = invocation.timeout_for(self.spec, settings)
+                raise TaskFailure(
+                    FailureKind.TIMED_OUT,
+                    f"the attempt passed its deadline of {timeout:g} s while the handler ran; "
+                    f"{exc}; nothing was published",
+                ) from None
             except Cancelled:
                 raise
             except TaskFailure:
                 raise
             except Exception as exc:
                 self.log.warning(
-                    "handler.raised", error=repr(exc), traceback=traceback.format_exc(limit=8)
+                    "handler.raised",
+                    error=invocation.describe(exc),
+                    traceback=invocation.trace_of(exc),
                 )
-                raise TaskFailure(
-                    FailureKind.HANDLER_ERROR, f"{type(exc).__name__}: {exc}"
-                ) from None
+                raise TaskFailure(FailureKind.HANDLER_ERROR, invocation.describe(exc)) from None
         try:
             if isinstance(returned, self.spec.result_model):
                 model = self.spec.result_model.model_validate(returned.model_dump())
@@ -297,6 +306,17 @@ class Attempt:
             metrics.FILES.labels(task_type=spec.name, direction="down").inc(mstats.files)
             metrics.BYTES.labels(task_type=spec.name, direction="down").inc(mstats.bytes)
             metrics.CACHE_HITS.labels(task_type=spec.name).inc(mstats.cached_files)
+            try:
+                distinct_names(
+                    (relative_to_key(rel, prefix) for rel in manifest),
+                    case_insensitive=settings.portable_names,
+                )
+            except UnsafeKey as exc:
+                raise TaskFailure(
+                    FailureKind.UNSAFE_KEY,
+                    f"{exc}; a workspace cannot hold both as two files "
+                    f"(repository {ws.repository!r} at {ws.ref[:12]})",
+                ) from None
 
             self._checks("pre_check", spec.pre, FailureKind.PRE_CHECK, "input")
             ctx.check_cancelled()
@@ -307,8 +327,14 @@ class Attempt:
             staged: str | None = None
             with self.phase("stage") as figures:
                 try:
-                    changes = diff(manifest, scan(root))
-                except Unpublishable as exc:
+                    scanned = scan(root)
+                    distinct_names(
+                        (rel.as_posix() for rel in scanned),
+                        case_insensitive=settings.portable_names,
+                        what="files",
+                    )
+                    changes = diff(manifest, scanned, root, verify=spec.workspace.verify)
+                except (Unpublishable, UnsafeKey) as exc:
                     raise TaskFailure(
                         FailureKind.UNPUBLISHABLE, f"{exc}; nothing was published"
                     ) from None
@@ -323,6 +349,7 @@ class Attempt:
                         prefix,
                         root,
                         changes,
+                        scanned=scanned,
                         concurrency=settings.transfer_concurrency,
                         cancelled=lambda: ctx.cancelled,
                     )
@@ -491,7 +518,7 @@ class Attempt:
         )
         where = f" on {', '.join(paths)}" if paths else ""
         return (
-            f"{who} into branch {ws.branch!r} conflicts{where} ({exc.message}); "
+            f"{who} into branch {ws.branch!r} conflicts{where} (lakeFS: {exc.message}); "
             "nothing was published"
         )
 
@@ -504,12 +531,17 @@ class Attempt:
             raise TaskFailure(kind, f"{side} workspace failed: " + "; ".join(map(str, failures)))
 
     def _feed_cache(self, manifest: Manifest, root: Path) -> None:
-        """Untouched materialized files become cache entries (linked, not copied)."""
+        """Materialized files nobody touched become cache entries (hard-linked, not copied).
+
+        Untouched is proved by the whole stat signature, ctime included (see `changes`), and
+        every entry is hashed again whenever it is served, so a file changed even after this
+        check can never be served. This runs while the attempt ends: a cache problem (a full
+        disk, a vanished folder) is logged and must not change the attempt's outcome.
+        """
         assert self.deps.cache is not None
-        for rel, entry in manifest.items():
-            path = root.joinpath(*rel.parts)
-            try:
-                if FileSignature.of(path.stat(follow_symlinks=False)) == entry.signature:
-                    self.deps.cache.adopt(entry.checksum, entry.signature.size, path)
-            except OSError:
-                continue
+        try:
+            adopted = self.deps.cache.adopt(manifest, root)
+        except Exception as exc:
+            self.log.warning("cache.adopt_failed", error=repr(exc))
+        else:
+            self.log.debug("cache.adopted", files=adopted)

@@ -8,76 +8,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
-from typing import Any
-
-from pydantic import ValidationError
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from perago_worker._version import __version__
-from perago_worker.app import RegistrationError, Worker, load_app
+from perago_worker.app import Worker
 from perago_worker.cache import ObjectCache
-from perago_worker.conductor import Conductor
-from perago_worker.lakefs import LakeFS
-from perago_worker.settings import Settings
+from perago_worker.compose import CliError, clients, load_settings, load_worker
 
+if TYPE_CHECKING:
+    from perago_worker.conductor import Conductor
+    from perago_worker.gc import PeriodicGc
+    from perago_worker.lakefs import LakeFS
+    from perago_worker.settings import Settings
 
-class CliError(Exception):
-    """A user-facing failure: printed as one line."""
-
-
-def load_settings(config: str | None) -> Settings:
-    import os
-
-    if config:
-        os.environ["PERAGO_CONFIG"] = config
-    try:
-        return Settings()
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        raise CliError(f"invalid settings: {problems}") from None
-    except FileNotFoundError as exc:
-        raise CliError(str(exc)) from None
-
-
-def clients(settings: Settings) -> tuple[LakeFS, Conductor]:
-    lakefs = LakeFS(
-        settings.lakefs.endpoint,
-        settings.lakefs.access_key_id,
-        settings.lakefs.secret_access_key.get_secret_value(),
-        pool_size=settings.transfer_concurrency,
-        timeout=settings.lakefs.request_timeout_seconds,
-    )
-    conductor = Conductor(
-        settings.conductor.url,
-        auth_key=settings.conductor.auth_key,
-        auth_secret=(
-            settings.conductor.auth_secret.get_secret_value()
-            if settings.conductor.auth_secret
-            else None
-        ),
-        request_timeout=settings.conductor.request_timeout_seconds,
-    )
-    return lakefs, conductor
-
-
-def _app(target: str) -> Worker:
-    try:
-        return load_app(target)
-    except RegistrationError as exc:
-        raise CliError(str(exc)) from None
-    except ImportError as exc:
-        raise CliError(f"cannot import {target}: {exc}") from None
-
-
-def _secrets(settings: Settings) -> list[str]:
-    values = [settings.lakefs.secret_access_key.get_secret_value()]
-    if settings.conductor.auth_secret:
-        values.append(settings.conductor.auth_secret.get_secret_value())
-    values += [s.get_secret_value() for s in settings.handler_secrets.values()]
-    return values
+# Lifecycle states in which the daemon's gc schedule stops: no round starts during a drain.
+SHUTTING_DOWN = frozenset({"draining", "stopped", "failed"})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -91,30 +37,63 @@ def cmd_run(args: argparse.Namespace) -> int:
             processes=args.processes,
             skip_preflight=args.skip_preflight,
             config=args.config,
+            gc_every=gc_interval(args, settings),
         )
     return _run_single(args)
 
 
+def gc_interval(args: argparse.Namespace, settings: Settings) -> float:
+    """Seconds between the daemon's gc rounds (`--gc-every`, else `gc_every_seconds`); 0: off.
+
+    A supervised child never collects: with `--processes N` the supervisor alone does.
+    """
+    if getattr(args, "child", False):
+        return 0.0
+    every = getattr(args, "gc_every", None)
+    return float(settings.gc_every_seconds if every is None else every)
+
+
+def start_periodic_gc(
+    args: argparse.Namespace,
+    settings: Settings,
+    lakefs: LakeFS,
+    conductor: Conductor,
+    log: Any,
+    stop_when: Callable[[], bool],
+) -> PeriodicGc | None:
+    """The daemon's gc schedule (`perago_worker.gc.PeriodicGc`), or None when it is off."""
+    from perago_worker.gc import schedule
+
+    every = gc_interval(args, settings)
+    if every <= 0:
+        return None
+    return schedule(settings, lakefs, conductor, every=every, log=log, stop_when=stop_when)
+
+
 def _run_single(args: argparse.Namespace) -> int:
+    from perago_worker.app import RegistrationError
     from perago_worker.attempt import Deps
     from perago_worker.observability import logging as plog
     from perago_worker.observability.health import HealthServer
-    from perago_worker.preflight import run_preflight
+    from perago_worker.preflight import preflight_clients, run_preflight
     from perago_worker.register import coverage
     from perago_worker.runner import Lifecycle, Runner
 
     settings = load_settings(args.config)
-    plog.configure(settings.log_level, settings.log_format, _secrets(settings))
+    plog.configure(settings.log_level, settings.log_format, plog.secret_values(settings))
     log = plog.get_logger(worker_id=settings.worker_id)
     lifecycle = Lifecycle()
-    app = _app(args.app)
+    app = load_worker(args.app)
     lakefs, conductor = clients(settings)
     cache = (
         ObjectCache(settings.scratch_root / ".cache", settings.cache_max_bytes, settings.cache_mode)
         if settings.cache_max_bytes > 0
         else None
     )
-    runner = Runner(app, Deps(settings, lakefs, conductor, cache), lifecycle)
+    try:
+        runner = Runner(app, Deps(settings, lakefs, conductor, cache), lifecycle)
+    except RegistrationError as exc:  # e.g. a process-isolated handler a child cannot import
+        raise CliError(str(exc)) from None
 
     def status() -> dict[str, Any]:
         try:
@@ -130,6 +109,7 @@ def _run_single(args: argparse.Namespace) -> int:
             "environment": settings.environment,
             "in_flight": runner.in_flight(),
             "handlers": sorted(app.tasks),
+            **runner.health(),
             **view,
         }
 
@@ -144,33 +124,41 @@ def _run_single(args: argparse.Namespace) -> int:
         http_port=health.port if health else None,
     )
     lifecycle.set("validating")
-    if not args.skip_preflight:
-        results = run_preflight(settings, app, lakefs, conductor)
+    if args.skip_preflight:
+        lifecycle.preflight = "skipped"  # reported as such: /status says "skipped", not ok
+    else:
+        results = run_preflight(settings, app, *preflight_clients(settings))
         for r in results:
             log.info("preflight", check=r.name, result=r.mark, detail=r.detail)
         if any(r.ok is False for r in results):
-            lifecycle.set("failed")
+            lifecycle.preflight = "failed"
             failed = next(r for r in results if r.ok is False)
+            lifecycle.fail(f"preflight failed: {failed.name}: {failed.detail}")
             raise CliError(f"preflight failed: {failed.name}: {failed.detail}")
-    lifecycle.preflight_ok = True
+        lifecycle.preflight = "passed"
+    periodic_gc = start_periodic_gc(
+        args, settings, lakefs, conductor, log, lambda: lifecycle.state in SHUTTING_DOWN
+    )
     try:
         return runner.run_forever()
     finally:
+        if periodic_gc is not None:
+            periodic_gc.stop()
         if health is not None:
             health.stop()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from perago_worker.preflight import run_preflight
+    from perago_worker.preflight import preflight_clients, run_preflight
 
     settings = load_settings(args.config)
     app: Worker | None = None
     app_error = None
     try:
-        app = _app(args.app)
+        app = load_worker(args.app)
     except CliError as exc:
         app_error = str(exc)
-    lakefs, conductor = clients(settings)
+    lakefs, conductor = preflight_clients(settings)  # small retry budgets: answers in seconds
     results = run_preflight(settings, app, lakefs, conductor, app_error=app_error)
     width = max(len(r.name) for r in results)
     for r in results:
@@ -182,7 +170,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     from perago_worker.register import drift, task_def_for
 
     settings = load_settings(args.config)
-    app = _app(args.app)
+    app = load_worker(args.app)
     _, conductor = clients(settings)
     current = {d.name: d for d in conductor.get_task_defs()}
     plans = [(task_def_for(spec, retries=args.retries), spec) for spec in app.tasks.values()]
@@ -201,16 +189,15 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from perago_worker.gc import collect
+    from perago_worker.gc import collect_configured
 
     settings = load_settings(args.config)
     lakefs, conductor = clients(settings)
-    repositories = args.repository or settings.allowed_repositories
-    report = collect(
-        settings.scratch_root,
+    report = collect_configured(
+        settings,
         lakefs,
         conductor,
-        repositories,
+        repositories=args.repository,
         older_than=args.older_than,
         intent_older_than=args.intent_older_than,
         dry_run=args.dry_run,
@@ -243,6 +230,16 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perago-worker", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"perago-worker {__version__}")
@@ -264,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="run N worker processes under one supervisor (CPU-bound handlers)",
     )
+    run.add_argument(
+        "--gc-every",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="also collect garbage (as `gc` does, same thresholds) every SECONDS on one thread; "
+        "0 turns it off (default: the gc_every_seconds setting)",
+    )
     run.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(fn=cmd_run)
 
@@ -278,8 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     register.set_defaults(fn=cmd_register)
 
     gc = sub.add_parser("gc", help="remove leftovers of crashed attempts")
-    gc.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS")
-    gc.add_argument("--intent-older-than", type=float, default=7 * 86400.0, metavar="SECONDS")
+    gc.add_argument(
+        "--older-than",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="attempt folders and staging branches (default: the gc_older_than_seconds setting)",
+    )
+    gc.add_argument(
+        "--intent-older-than",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="intent branches of terminal workflows "
+        "(default: the gc_intent_older_than_seconds setting)",
+    )
     gc.add_argument(
         "--repository", action="append", help="repeatable; default: allowed_repositories"
     )

@@ -8,6 +8,9 @@ and models are used as they are.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,9 +48,55 @@ TERMINAL_TASK_STATES = frozenset(
 
 
 class ConductorError(Exception):
+    """A Conductor call that failed: the HTTP status (0: no HTTP answer) and why, in words.
+
+    With an answer it reads `Conductor 503: <the server's message>`; without one, it says
+    where and how the connection failed: `cannot connect to http://host:8080/api:
+    connection refused`, `no answer from http://host:8080/api within 10 s`.
+    """
+
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"Conductor {status}: {message}")
+        super().__init__(f"Conductor {status}: {message}" if status else message)
         self.status = status
+        self.message = message
+
+
+_ERRNO = re.compile(r"^\[Errno -?\d+\]\s*")
+
+
+def _lowered(text: str) -> str:
+    text = _ERRNO.sub("", text.strip())
+    return text[:1].lower() + text[1:] if text[:2] != text[:2].upper() else text
+
+
+def describe_failure(exc: ApiException, url: str, timeout: object = None) -> ConductorError:
+    """The SDK's exception as a `ConductorError` whose message names the cause.
+
+    The SDK reports a failure without an HTTP answer as status 0 with no message and the
+    cause in `reason` (`Connection error: [Errno 111] Connection refused`, `Request
+    timeout: ...`); an HTTP error carries the server's message, or at least its reason.
+    """
+    status = int(exc.status or 0)
+    reason = str(getattr(exc, "reason", "") or "").strip()
+    message = getattr(exc, "message", None)
+    if status == 0:
+        kind, _, detail = reason.partition(":")
+        detail = _lowered(detail) if detail else ""
+        if kind == "Connection error":
+            text = f"cannot connect to {url}: {detail or 'connection failed'}"
+        elif kind == "Request timeout":
+            within = f" within {timeout:g} s" if isinstance(timeout, int | float) else ""
+            text = f"no answer from {url}{within} (request timed out)"
+        elif kind.startswith("Protocol error"):
+            text = f"the connection to {url} broke: {detail or reason}"
+        else:
+            text = f"no answer from {url}: {reason or type(exc).__name__}"
+        return ConductorError(0, text)
+    if not message:
+        body = getattr(exc, "body", None)
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            message = json.loads(body).get("message") if body else None
+    return ConductorError(status, str(message or reason or f"HTTP {status}"))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -119,7 +168,8 @@ class Conductor:
                 with attempt:
                     return fn(*args, **kwargs)
         except ApiException as exc:
-            raise ConductorError(exc.status or 0, str(getattr(exc, "message", exc))) from None
+            timeout = kwargs.get("_request_timeout")
+            raise describe_failure(exc, self.url, timeout) from None
         raise AssertionError("unreachable")
 
     # -- the worker's calls --------------------------------------------------------------
@@ -141,7 +191,7 @@ class Conductor:
         try:
             return list(self.tasks.batch_poll(task_type, **kwargs) or [])
         except ApiException as exc:
-            raise ConductorError(exc.status or 0, str(getattr(exc, "message", exc))) from None
+            raise describe_failure(exc, self.url, kwargs["_request_timeout"]) from None
 
     def update(self, result: TaskResult, *, retry_seconds: float | None = None) -> None:
         """`POST /api/tasks` (never update-v2, which would hand out a next task)."""

@@ -1,8 +1,16 @@
-"""What a handler sees of its attempt: identity, workspace, configuration, cancellation."""
+"""What a handler sees of its attempt: identity, workspace, configuration, cancellation.
+
+Cancellation is cooperative inside a handler (`check_cancelled`) and final at the publish
+section: `begin_publish` and the cancellations (`cancel_unless_publishing`, `expire`) take
+one lock, so an attempt either publishes or is stopped, never both. A deadline (`expire`)
+is a cancellation that remembers it was one, so the runner reports it as `timed_out`
+instead of treating it as a lost lease.
+"""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +57,10 @@ class TaskContext:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
     log: Any = None
+    # time.monotonic() by which the attempt must have begun to publish (None: no deadline).
+    deadline: float | None = None
     _publishing: bool = False
+    _timed_out: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -82,6 +93,33 @@ class TaskContext:
         if not self.cancel_event.is_set():
             self.cancel_reason = reason
             self.cancel_event.set()
+
+    def expire(self, reason: str) -> bool:
+        """The deadline passed: cancel the attempt unless it has begun to publish.
+
+        True only when this call cancelled it; an attempt already cancelled (lost lease,
+        drain) stays what it was, and one that is merging is never cut.
+        """
+        with self._lock:
+            if self._publishing or self.cancel_event.is_set():
+                return False
+            self._cancel(reason)
+            self._timed_out = True
+            return True
+
+    @property
+    def timed_out(self) -> bool:
+        """The attempt was cancelled by its deadline (see `expire`)."""
+        return self._timed_out
+
+    def seconds_left(self) -> float | None:
+        """Seconds until the deadline (never negative), or None without one.
+
+        A handler can pace itself with it: the deadline stops the attempt whatever it does.
+        """
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
 
     def begin_publish(self) -> bool:
         """Enter the publish section (claim and merge), unless already cancelled.

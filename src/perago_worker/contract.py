@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 REPOSITORY_PATTERN = r"^[a-z0-9][a-z0-9-]{2,62}$"
 BRANCH_PATTERN = r"^[A-Za-z0-9_][-A-Za-z0-9_]*$"  # lakeFS's Go \w is ASCII-only
-MAX_REASON = 1000
+# Conductor keeps the first 500 UTF-16 units of a reason (TaskResult and Task
+# setReasonForIncompletion: StringUtils.substring(reason, 0, 500)); a longer one loses its tail.
+MAX_REASON = 500
 
 # Keys Conductor adds to a SIMPLE task's input at schedule time, never written by the workflow
 # author. Read from conductor-oss (v3.32.1): ForkJoinDynamicTaskMapper.getDynamicTasksSimple
@@ -84,6 +86,7 @@ class FailureKind(enum.StrEnum):
     INFRASTRUCTURE = "infrastructure"
     DISK_FULL = "disk_full"
     ABORTED = "aborted"
+    TIMED_OUT = "timed_out"
 
 
 # Terminal: retrying with the same immutable input cannot help. Retryable: a new attempt may
@@ -106,6 +109,9 @@ _STATUS: dict[FailureKind, Status] = {
     FailureKind.INFRASTRUCTURE: Status.FAILED,
     FailureKind.DISK_FULL: Status.FAILED,
     FailureKind.ABORTED: Status.FAILED,
+    # The attempt passed its deadline (`@app.task(timeout=...)`) before it began to publish:
+    # nothing was published, and a new attempt may be faster (or the data smaller).
+    FailureKind.TIMED_OUT: Status.FAILED,
 }
 
 
@@ -130,9 +136,61 @@ class TaskFailure(Exception):
         return status_for(self.kind)
 
 
+CUT = "…"
+MIN_SHORTENED = 40  # a shortened value keeps at least this many characters
+
+
 def bound_reason(text: str, limit: int = MAX_REASON) -> str:
+    """`text` on one line in at most `limit` UTF-16 units, keeping its kind and its cause.
+
+    A reason reads `kind: what ... why`: the kind first, the cause usually last, and what
+    makes it long is a value in between (a key, a path, a server's message). So the longest
+    words are shortened first, each to the same length, keeping its head and its tail around
+    `…` (a path keeps where it starts and its file name); only a text of too many words is
+    then cut in its middle, keeping its first and last halves. Length is counted as Java
+    counts it (a character outside the BMP is two), since Conductor cuts what is longer.
+    """
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    budget = limit
+    while True:
+        bounded = _bound(text, budget)
+        excess = _utf16_units(bounded) - limit
+        if excess <= 0:
+            return bounded
+        budget -= excess
+
+
+def _utf16_units(text: str) -> int:
+    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
+
+
+def _bound(text: str, limit: int) -> str:
+    """`bound_reason` in code points."""
+    if len(text) <= limit:
+        return text
+    words = text.split(" ")
+    floor = min(MIN_SHORTENED, limit)
+
+    def length(cap: int) -> int:
+        return sum(min(len(w), cap) for w in words) + len(words) - 1
+
+    if length(floor) <= limit:
+        low, high = floor, max(len(w) for w in words)  # the longest cap that fits
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if length(mid) <= limit else (low, mid - 1)
+        return " ".join(_shorten(w, low) for w in words)
+    text = " ".join(_shorten(w, floor) for w in words)
+    tail = (limit - 1) // 2
+    return text[: limit - 1 - tail] + CUT + text[len(text) - tail :]
+
+
+def _shorten(word: str, cap: int) -> str:
+    """`word` in `cap` characters: its head and tail around `…` (as even as can be)."""
+    if len(word) <= cap:
+        return word
+    tail = (cap - 1) // 2
+    return word[: cap - 1 - tail] + CUT + word[len(word) - tail :]
 
 
 def describe_validation_error(exc: ValidationError, where: str) -> str:

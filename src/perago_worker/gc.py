@@ -18,21 +18,31 @@ with the reason. A 404 is believed only from a server that first showed it is Co
 everything deletes nothing.
 Every Conductor call is bounded by `conductor_retry_seconds` of retries (plus the client's
 request timeout), so gc never hangs on a server that is down.
+
+`collect_configured` is what both `perago-worker gc` and the daemon's schedule
+(`run --gc-every`, `gc_every_seconds`: `PeriodicGc`) run: the thresholds and repositories of
+the settings.
 """
 
 from __future__ import annotations
 
+import random
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from perago_worker import fences
 from perago_worker.conductor import TERMINAL_TASK_STATES, Conductor, ConductorError
 from perago_worker.lakefs import LakeFS
 from perago_worker.preflight import read_server_config
 from perago_worker.workspace import leftovers, remove_leftover
+
+if TYPE_CHECKING:
+    from perago_worker.settings import Settings
 
 TERMINAL_WORKFLOW = frozenset({"COMPLETED", "FAILED", "TIMED_OUT", "TERMINATED"})
 WORKFLOW_ID_KEY = "perago.workflow_id"
@@ -206,3 +216,168 @@ def _settle(report: GcReport, item: str, answer: _Answer) -> bool:
     else:
         report.keep_unverifiable(item, answer.detail)
     return False
+
+
+# -- the thresholds of the settings, and the daemon's schedule ----------------------------------
+
+
+def collect_configured(
+    settings: Settings,
+    lakefs: LakeFS | None,
+    conductor: Conductor | None,
+    *,
+    repositories: list[str] | None = None,
+    older_than: float | None = None,
+    intent_older_than: float | None = None,
+    dry_run: bool = False,
+) -> GcReport:
+    """`collect` with the settings' scratch root, thresholds (`gc_older_than_seconds`,
+    `gc_intent_older_than_seconds`) and repositories (`allowed_repositories`); an argument
+    that is not None overrides its setting. `perago-worker gc` and `PeriodicGc` both run it."""
+    return collect(
+        settings.scratch_root,
+        lakefs,
+        conductor,
+        list(repositories) if repositories else list(settings.allowed_repositories),
+        older_than=settings.gc_older_than_seconds if older_than is None else older_than,
+        intent_older_than=(
+            settings.gc_intent_older_than_seconds
+            if intent_older_than is None
+            else intent_older_than
+        ),
+        dry_run=dry_run,
+    )
+
+
+# How often a waiting schedule checks whether it should stop, and how long `stop` waits for a
+# round under way before it leaves it to the process's exit.
+STOP_CHECK_SECONDS = 0.5
+STOP_WAIT_SECONDS = 5.0
+LOGGED_ITEMS = 50  # names listed in one `gc.done` line (the counts are always complete)
+
+
+class PeriodicGc:
+    """gc on one daemon thread of the worker, every `every` seconds.
+
+    Rounds never overlap: the next one starts `every` seconds after the previous one ended,
+    the first after a random 50-100 % of the interval (replicas started together spread
+    out). A round that raises is logged (`gc.failed`) and the schedule goes on: gc never
+    stops the worker. Once `stop()` is called or `stop_when()` answers True (checked at
+    least every STOP_CHECK_SECONDS) no round starts; `stop()` waits up to
+    STOP_WAIT_SECONDS for a round under way and otherwise leaves it to the process's exit,
+    which is as safe as killing `perago-worker gc` (each deletion is one request).
+    """
+
+    def __init__(
+        self,
+        every: float,
+        run_once: Callable[[], GcReport],
+        log: Any,
+        *,
+        stop_when: Callable[[], bool] = lambda: False,
+        first_delay: float | None = None,
+    ) -> None:
+        if every <= 0:
+            raise ValueError(f"gc interval must be positive, not {every}")
+        self.every = every
+        self.rounds = 0
+        self.failures = 0
+        self._run_once = run_once
+        self._log = log
+        self._stop_when = stop_when
+        self._first_delay = every * random.uniform(0.5, 1.0) if first_delay is None else first_delay
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gc", daemon=True)
+
+    def start(self) -> PeriodicGc:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = STOP_WAIT_SECONDS) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _stopping(self) -> bool:
+        if self._stop.is_set():
+            return True
+        try:
+            return bool(self._stop_when())
+        except Exception:
+            return False
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep `seconds`; False as soon as the schedule is told to stop."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            self._stop.wait(min(remaining, STOP_CHECK_SECONDS))
+        return False
+
+    def _loop(self) -> None:
+        delay = self._first_delay
+        while self._wait(delay):
+            self._round()
+            delay = self.every
+        self._log.info("gc.stopped", rounds=self.rounds, failures=self.failures)
+
+    def _round(self) -> None:
+        started = time.monotonic()
+        try:
+            report = self._run_once()
+        except Exception as exc:
+            self.rounds += 1
+            self.failures += 1
+            self._log.error(
+                "gc.failed", error=_short(exc), seconds=round(time.monotonic() - started, 3)
+            )
+            return
+        self.rounds += 1
+        removed = [*report.attempt_dirs, *report.staging_branches, *report.intent_branches]
+        self._log.info(
+            "gc.done",
+            attempt_folders=len(report.attempt_dirs),
+            staging_branches=len(report.staging_branches),
+            intent_branches=len(report.intent_branches),
+            kept_live=len(report.kept_live),
+            kept_unverifiable=len(report.unverifiable),
+            removed=removed[:LOGGED_ITEMS],
+            unverifiable={
+                item: report.unverifiable_reasons.get(item, "")
+                for item in report.unverifiable[:LOGGED_ITEMS]
+            },
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+
+def schedule(
+    settings: Settings,
+    lakefs: LakeFS,
+    conductor: Conductor,
+    *,
+    every: float,
+    log: Any,
+    stop_when: Callable[[], bool] = lambda: False,
+    first_delay: float | None = None,
+) -> PeriodicGc:
+    """A started `PeriodicGc` running what `perago-worker gc` runs with these settings."""
+    log.info(
+        "gc.scheduled",
+        every_seconds=every,
+        older_than_seconds=settings.gc_older_than_seconds,
+        intent_older_than_seconds=settings.gc_intent_older_than_seconds,
+        repositories=list(settings.allowed_repositories),
+    )
+    return PeriodicGc(
+        every,
+        lambda: collect_configured(settings, lakefs, conductor),
+        log,
+        stop_when=stop_when,
+        first_delay=first_delay,
+    ).start()

@@ -12,6 +12,7 @@ backoff and jitter; 4xx answers are not, they are translated into the errors bel
 from __future__ import annotations
 
 import base64
+import http
 import http.client
 import json
 import os
@@ -20,7 +21,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import lakefs_sdk
 import urllib3
@@ -64,19 +65,45 @@ class Unauthorized(LakeFSError):
     pass
 
 
-def _message(body: Any) -> str:
+class SourceChanged(OSError):
+    """The file being uploaded ended before the size its caller checked: nothing was stored."""
+
+
+# What lakeFS means by a status whose answer carries no message: a merge conflict answers
+# 409 with `{"reference":""}` (a merge result, not an error).
+_NO_MESSAGE = {409: "conflict found"}
+
+
+def _message(body: Any, status: int = 0) -> str:
+    """The readable part of a lakeFS answer: its error's `message`, never raw JSON.
+
+    An answer that is JSON without a message (a 409 merge answer) reads as what the status
+    means; a body that is not JSON (a proxy's page) is kept, shortened, on one line.
+    """
     if isinstance(body, bytes | bytearray):
         body = body.decode(errors="replace")
-    if isinstance(body, str):
+    if body is None:
+        body = ""
+    if not isinstance(body, str):
+        return str(body)
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("message"), str) and data["message"]:
+        return " ".join(data["message"].split())
+    text = " ".join(body.split())
+    if data is not None or not text:
         try:
-            return str(json.loads(body).get("message", body))
-        except (ValueError, AttributeError):
-            return body[:500]
-    return str(body)
+            phrase = http.HTTPStatus(status).phrase.lower()
+        except ValueError:
+            phrase = f"status {status}"
+        return _NO_MESSAGE.get(status, phrase)
+    return text if len(text) <= 300 else text[:299] + "…"
 
 
 def translate(status: int, body: Any) -> LakeFSError:
-    message = _message(body)
+    message = _message(body, status)
     if status == 404:
         return NotFound(status, message)
     if status == 409:
@@ -184,6 +211,17 @@ class DataPlane:
             for conn in self._all:
                 conn.close()
             self._all.clear()
+
+
+def _exactly(fd: int, size: int, key: str) -> Iterator[bytes]:
+    """The first `size` bytes of `fd` in BLOCK pieces (pread: the file position is unused)."""
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(BLOCK, size - offset), offset)
+        if not chunk:
+            raise SourceChanged(f"{key}: the file ended at {offset} of {size} bytes")
+        offset += len(chunk)
+        yield chunk
 
 
 class LakeFS:
@@ -358,26 +396,44 @@ class LakeFS:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def upload(self, repository: str, branch: str, key: str, source: Path) -> str:
-        """Stream a local file to `key` on `branch`; return the object's checksum."""
+    def upload(
+        self,
+        repository: str,
+        branch: str,
+        key: str,
+        source: int | BinaryIO | Path,
+        expected_size: int | None = None,
+    ) -> str:
+        """Stream an open file's first `expected_size` bytes to `key`; return the checksum.
+
+        `source` is a descriptor or file object the caller opened and checked (the publish
+        opens beneath the workspace root without following links): nothing here resolves a
+        path. Exactly `expected_size` bytes are sent, read with `pread` from offset 0, so a
+        retry sends the same bytes and a file that grew sends no more; one that ends sooner
+        raises `SourceChanged` and the request is abandoned (lakeFS stores nothing). A
+        `Path` is for trusted local files (seeding, the demo): opened here, O_NOFOLLOW.
+        """
+        if isinstance(source, Path):
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                return self.upload(repository, branch, key, fd, expected_size)
+            finally:
+                os.close(fd)
+        fd = source if isinstance(source, int) else source.fileno()
+        size = os.fstat(fd).st_size if expected_size is None else expected_size
         route = (
             f"/api/v1/repositories/{self._q(repository)}/branches/{self._q(branch)}/objects?"
             + urllib.parse.urlencode({"path": key})
         )
 
         def once() -> str:
-            with source.open("rb") as body:
-                size = os.fstat(body.fileno()).st_size
-                resp = self._data.request(
-                    "POST",
-                    route,
-                    body=body,
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        "Content-Length": str(size),
-                    },
-                )
-                data = resp.read()
+            resp = self._data.request(
+                "POST",
+                route,
+                body=_exactly(fd, size, key),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            )
+            data = resp.read()
             if resp.status not in (200, 201):
                 raise translate(resp.status, data)
             return str(json.loads(data).get("checksum", ""))

@@ -5,6 +5,12 @@ fixed set of transfer threads drains it, bodies stream to disk in 1 MiB blocks s
 stays flat whatever the object size, and the listing's size and checksum are trusted: no
 per-object stat call. Objects a previous attempt fetched come from the local content cache.
 
+Every materialized file's SHA-256 is computed here, from the bytes on disk before the
+handler runs (read back while they are in the page cache; a cache hit hashes what it copies),
+so that `changes.diff` can tell a rewrite with the same bytes from an edit, and the cache can
+check every entry it serves. lakeFS's own checksum is not used for that: it is the MD5 of the
+content only for some blockstores and upload paths (an S3 multipart or SSE-KMS ETag is not).
+
 Per-object CPU is what bounds small-file throughput on a small machine, so the hot path is
 lean: one queue hand-off per object (no future), containment proved once per directory on
 its resolved path (the leaf is opened with O_NOFOLLOW), the signature taken from the open
@@ -13,16 +19,19 @@ descriptor.
 
 from __future__ import annotations
 
+import json
+import os
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from perago_worker import faultpoints
 from perago_worker.cache import ObjectCache
-from perago_worker.changes import FileSignature, Manifest, ManifestEntry
+from perago_worker.changes import FileSignature, Manifest, ManifestEntry, digest_fd
 from perago_worker.contract import FailureKind, TaskFailure
 from perago_worker.lakefs import LakeFS, ObjectInfo
 from perago_worker.paths import TreeShape, UnsafeKey, key_to_relative, local_path
@@ -31,6 +40,11 @@ from perago_worker.paths import TreeShape, UnsafeKey, key_to_relative, local_pat
 # contention for small objects. Large objects are I/O-bound and release it while waiting.
 SMALL_OBJECT_THREADS = 8
 SMALL_OBJECT = 256 * 1024
+# See `settle`: racy entries up to this many bytes are cheaper to read at diff time than to
+# wait for the file system's clock; past it, wait up to RACY_WAIT_SECONDS.
+RACY_READ_BYTES = 4 << 20
+RACY_WAIT_SECONDS = 0.05
+SCOPE_TTL_SECONDS = 300.0
 
 
 @dataclass
@@ -66,11 +80,19 @@ def materialize(
     errors: list[BaseException] = []
     stop = threading.Event()
 
+    scope = repository_scope(lakefs, repository) if cache is not None else ""
+
     def fetch(obj: ObjectInfo, rel: PurePosixPath, dest: Path) -> None:
-        hit = cache is not None and cache.link_into(obj.checksum, obj.size, dest)
-        st = dest.stat() if hit else lakefs.download(repository, ref, obj.key, dest, obj.size)
+        key = cache.key(scope, obj.checksum, obj.size, obj.mtime) if cache is not None else ""
+        served = cache.serve(key, obj.size, dest) if cache is not None and key else None
+        hit = served is not None
+        if served is not None:
+            st, digest = served
+        else:
+            st = lakefs.download(repository, ref, obj.key, dest, obj.size)
+            digest = _digest_written(dest, st)
         faultpoints.hit("materialize.object")
-        entry = ManifestEntry(FileSignature.of(st), obj.checksum)
+        entry = ManifestEntry(FileSignature.of(st), obj.checksum, digest, key)
         with lock:
             manifest[rel] = entry
             stats.files += 1
@@ -125,8 +147,96 @@ def materialize(
             thread.join()
     if errors:
         raise errors[0]
+    manifest = settle(root, manifest)
     stats.seconds = time.monotonic() - started
     return manifest, stats
+
+
+def _digest_written(dest: Path, st: os.stat_result) -> str:
+    """SHA-256 of the file just downloaded (the one `st` describes), before anyone else runs."""
+    fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_ino != st.st_ino:
+            raise OSError(f"{dest}: replaced while it was materialized")
+        return digest_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def fs_clock(folder: Path) -> int:
+    """The file system's current time as it stamps a ctime: that of a new, removed file."""
+    while True:
+        probe = folder / f".perago-clock-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            return os.fstat(fd).st_ctime_ns
+        finally:
+            os.close(fd)
+            probe.unlink()
+
+
+def settle(
+    root: Path,
+    manifest: Manifest,
+    *,
+    read_bytes: int = RACY_READ_BYTES,
+    wait_seconds: float = RACY_WAIT_SECONDS,
+) -> Manifest:
+    """Make sure any later change to a materialized file moves its signature, or flag it.
+
+    A ctime is stamped with the file system's clock, whose granularity is a few milliseconds
+    on Linux (a kernel tick; finer on kernels with multigrain timestamps): a handler write in
+    the same tick as a file's download could leave its ctime, and so its signature, as it
+    was. Entries stamped at or after the clock's current reading are therefore `racy` and
+    always read by `diff`. When they are few bytes, reading them later is cheaper than
+    waiting; past `read_bytes` the clock is given up to `wait_seconds` to move past them.
+    """
+    if not manifest:
+        return manifest
+    newest = max(entry.signature.ctime_ns for entry in manifest.values())
+    now = fs_clock(root)
+    if now > newest:
+        return manifest
+    racy_bytes = sum(e.signature.size for e in manifest.values() if e.signature.ctime_ns >= now)
+    if racy_bytes > read_bytes:
+        deadline = time.monotonic() + wait_seconds
+        while now <= newest and time.monotonic() < deadline:
+            time.sleep(0.001)
+            now = fs_clock(root)
+    return {
+        rel: replace(entry, racy=True) if entry.signature.ctime_ns >= now else entry
+        for rel, entry in manifest.items()
+    }
+
+
+_SCOPES: dict[tuple[str, str], tuple[float, str]] = {}
+_SCOPES_LOCK = threading.Lock()
+
+
+def repository_scope(lakefs: LakeFS, repository: str) -> str:
+    """What makes an object's cache key unique across servers, repositories and re-creations.
+
+    A lakeFS checksum identifies content only within one repository's storage (an ETag from
+    another bucket, server or environment may name other bytes), so cache keys carry the
+    server, the repository's name, its storage namespace and its creation time. Looked up
+    once per repository every few minutes (one small request).
+    """
+    memo_key = (lakefs.endpoint, repository)
+    now = time.monotonic()
+    with _SCOPES_LOCK:
+        known = _SCOPES.get(memo_key)
+    if known is not None and now - known[0] < SCOPE_TTL_SECONDS:
+        return known[1]
+    repo = lakefs.call(lakefs.repos.get_repository, repository)
+    scope = json.dumps(
+        [lakefs.endpoint, repository, str(repo.storage_namespace), str(repo.creation_date)]
+    )
+    with _SCOPES_LOCK:
+        _SCOPES[memo_key] = (now, scope)
+    return scope
 
 
 def _place(

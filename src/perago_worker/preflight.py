@@ -5,6 +5,11 @@ repository (read and write) -> scratch root (writable, free disk) -> task defini
 and compatible. A check that cannot run because an earlier one failed is reported as skipped;
 a check that passed with a reservation is reported as a warning (it does not stop `run`).
 
+The preflight answers fast when a server is down: its clients retry each call for at most
+`PREFLIGHT_RETRY_SECONDS` (the worker's own clients retry for 30-60 s), Conductor and lakeFS
+are probed at the same time, and a failure to connect is named as such (`cannot connect to
+http://host:8000: connection refused`), never as a status 0 or a raw exception.
+
 The fences rely on Conductor behaviours that only some releases have (docs/operations.md,
 "Conductor version"), so the server's version is read (`GET {url}/admin/config`, the build
 properties' `version`) and compared with `SUPPORTED_CONDUCTOR`. Outside the range the check
@@ -19,8 +24,11 @@ import re
 import tempfile
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import urllib3
 
 from perago_worker.app import Worker
 from perago_worker.conductor import Conductor
@@ -41,6 +49,9 @@ Version = tuple[int, int, int]
 SUPPORTED_CONDUCTOR: tuple[Version, Version] = ((3, 32, 0), (3, 33, 0))
 VERSION_CHECK = "Conductor version supported"
 ADMIN_CONFIG_PATH = "/admin/config"
+# Retries per preflight call: a server that is down is reported in seconds, not after the
+# 30-60 s a running worker rides out.
+PREFLIGHT_RETRY_SECONDS = 1.0
 
 _VERSION = re.compile(r"^\s*v?(\d+)\.(\d+)\.(\d+)(?:[-+.][0-9A-Za-z.+-]*)?\s*$")
 
@@ -109,6 +120,43 @@ def _short(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
+# How a connection failed, read from the text of the exception (urllib3 wraps the socket
+# error in two layers, each repeating it): the first match names it.
+_CONNECTION_FAILURES = (
+    ("connection refused", "connection refused"),
+    ("name or service not known", "host name not found"),
+    ("nodename nor servname", "host name not found"),
+    ("temporary failure in name resolution", "host name not found"),
+    ("no route to host", "no route to host"),
+    ("network is unreachable", "network unreachable"),
+    ("connection reset", "connection reset"),
+    ("timed out", "no answer (timed out)"),
+)
+
+
+def describe(exc: BaseException, url: str) -> str:
+    """One line naming why a probe failed; a failed connection says where and how."""
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+        text = str(exc).lower()
+        for needle, what in _CONNECTION_FAILURES:
+            if needle in text:
+                return f"cannot connect to {url}: {what}"
+        if isinstance(exc, urllib3.exceptions.MaxRetryError | OSError):
+            return f"cannot connect to {url}: {_short(exc)}"
+    return _short(exc)
+
+
+def preflight_clients(settings: Settings) -> tuple[LakeFS, Conductor]:
+    """The worker's clients (same endpoints, credentials, request timeouts), but retrying
+    each call for at most `PREFLIGHT_RETRY_SECONDS`."""
+    from perago_worker.compose import clients
+
+    lakefs, conductor = clients(settings)
+    lakefs._retry_seconds = PREFLIGHT_RETRY_SECONDS
+    conductor._retry_seconds = PREFLIGHT_RETRY_SECONDS
+    return lakefs, conductor
+
+
 def run_preflight(
     settings: Settings,
     app: Worker | None,
@@ -130,24 +178,33 @@ def run_preflight(
     else:
         results.append(Result("handlers import", False, app_error or "no APP given"))
 
-    conductor_ok = _step(
-        results,
-        "Conductor reachable and authorized",
-        lambda: f"{len(conductor.get_task_defs())} task definition(s) at {conductor.url}",
-        hint="check PERAGO_CONDUCTOR__URL and the auth key/secret",
-    )
+    # The two servers are probed at once: with both down, the answer takes one budget.
+    with ThreadPoolExecutor(2, thread_name_prefix="preflight") as pool:
+        conductor_probe = pool.submit(
+            _probe,
+            "Conductor reachable and authorized",
+            lambda: f"{len(conductor.get_task_defs())} task definition(s) at {conductor.url}",
+            conductor.url,
+            "check PERAGO_CONDUCTOR__URL and the auth key/secret",
+        )
+        lakefs_probe = pool.submit(
+            _probe,
+            "lakeFS reachable and authorized",
+            lambda: _lakefs_probe(lakefs),
+            lakefs.endpoint,
+            "check PERAGO_LAKEFS__ENDPOINT and the access key/secret",
+        )
+        conductor_result, lakefs_result = conductor_probe.result(), lakefs_probe.result()
+    results.append(conductor_result)
+    conductor_ok = bool(conductor_result.ok)
     if conductor_ok:
         results.append(
             version_check(conductor, allow_unsupported=settings.conductor.allow_unsupported_version)
         )
     else:
         results.append(Result(VERSION_CHECK, None, "skipped: Conductor unavailable"))
-    lakefs_ok = _step(
-        results,
-        "lakeFS reachable and authorized",
-        lambda: _lakefs_probe(lakefs),
-        hint="check PERAGO_LAKEFS__ENDPOINT and the access key/secret",
-    )
+    results.append(lakefs_result)
+    lakefs_ok = bool(lakefs_result.ok)
 
     for repository in settings.allowed_repositories:
         name = f"repository {repository} readable and writable"
@@ -170,7 +227,7 @@ def version_check(conductor: Conductor, *, allow_unsupported: bool) -> Result:
     """The server's version against `SUPPORTED_CONDUCTOR` (unreadable: a warning)."""
     supported = describe_supported()
     try:
-        raw = read_server_config(conductor).get("version")
+        raw = read_server_config(conductor, retry_seconds=PREFLIGHT_RETRY_SECONDS).get("version")
     except Exception as exc:
         return Result(
             VERSION_CHECK,
@@ -205,15 +262,19 @@ def version_check(conductor: Conductor, *, allow_unsupported: bool) -> Result:
     )
 
 
-def _step(results: list[Result], name: str, probe: Callable[[], str], hint: str = "") -> bool:
+def _probe(name: str, probe: Callable[[], str], url: str = "", hint: str = "") -> Result:
     try:
         detail = probe()
     except Exception as exc:
         suffix = f" ({hint})" if hint else ""
-        results.append(Result(name, False, _short(exc) + suffix))
-        return False
-    results.append(Result(name, True, detail))
-    return True
+        return Result(name, False, (describe(exc, url) if url else _short(exc)) + suffix)
+    return Result(name, True, detail)
+
+
+def _step(results: list[Result], name: str, probe: Callable[[], str], hint: str = "") -> bool:
+    result = _probe(name, probe, hint=hint)
+    results.append(result)
+    return bool(result.ok)
 
 
 def _lakefs_probe(lakefs: LakeFS) -> str:

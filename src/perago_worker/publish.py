@@ -9,21 +9,25 @@ the target's history already holds one for the execution.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
+import stat
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from perago_worker import fences
 from perago_worker.changes import ChangeSet
 from perago_worker.contract import FailureKind, TaskFailure
 from perago_worker.execution import Execution, published
-from perago_worker.lakefs import Conflict, LakeFS, NoChanges, NotFound, is_transient
-from perago_worker.paths import relative_to_key
+from perago_worker.lakefs import Conflict, LakeFS, NoChanges, NotFound, SourceChanged, is_transient
+from perago_worker.paths import open_beneath, relative_to_key
 
 MAX_RESULT_METADATA = 256 * 1024
 
@@ -45,27 +49,85 @@ def stage(
     root: Path,
     changes: ChangeSet,
     *,
+    scanned: Mapping[PurePosixPath, os.stat_result],
     concurrency: int,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> StageStats:
+    """Upload the change set to a new hidden branch: exactly the files the scan saw.
+
+    Each file is opened beneath the root's descriptor without following a link
+    (`paths.open_beneath`) and must still be what `scanned` recorded (a regular file, same
+    device, inode, size and mtime); after its upload it must still have that size and mtime.
+    Anything else means something (a thread or process the handler left behind) changed
+    it after the scan: the attempt fails `unpublishable` naming the path, nothing merges.
+    """
     started = time.monotonic()
     stats = StageStats()
     lakefs.create_branch(repository, branch, input_ref, hidden=True)
+    failed = threading.Event()
 
-    def put(rel_size: tuple[Any, int]) -> None:
+    def changed(rel: PurePosixPath, how: str) -> TaskFailure:
+        failed.set()
+        return TaskFailure(
+            FailureKind.UNPUBLISHABLE,
+            f"{rel.as_posix()}: changed after the scan ({how}); nothing was published",
+        )
+
+    def put(rel_size: tuple[PurePosixPath, int]) -> None:
         rel, _size = rel_size
         if cancelled():
             raise TaskFailure(FailureKind.ABORTED, "cancelled while uploading")
-        lakefs.upload(repository, branch, relative_to_key(rel, prefix), root.joinpath(*rel.parts))
+        if failed.is_set():
+            return
+        seen = scanned[rel]
+        try:
+            fd = open_beneath(root_fd, rel)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise changed(rel, "it is gone") from None
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise changed(rel, "it or a folder above it is a link or not a folder") from None
+            raise
+        try:
+            now = os.fstat(fd)
+            if not stat.S_ISREG(now.st_mode):
+                raise changed(rel, "it is no longer a regular file")
+            if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
+                raise changed(rel, "another file is in its place")
+            if (now.st_size, now.st_mtime_ns) != (seen.st_size, seen.st_mtime_ns):
+                raise changed(rel, "it was written to")
+            try:
+                lakefs.upload(repository, branch, relative_to_key(rel, prefix), fd, seen.st_size)
+            except SourceChanged:
+                raise changed(rel, "it was cut short while it was uploaded") from None
+            after = os.fstat(fd)
+            if (after.st_size, after.st_mtime_ns) != (now.st_size, now.st_mtime_ns):
+                raise changed(rel, "it was written to while it was uploaded")
+        finally:
+            os.close(fd)
 
     uploads = [(f.rel, f.size) for f in changes.uploads]
     # Largest first: a few big files start at once instead of finishing last, alone.
     uploads.sort(key=lambda item: -item[1])
-    if uploads:
-        # Unlike downloads, uploads of small objects wait on the server (measured: 2,000 x
-        # 16 KiB took 15 s with 2 threads, 3.2 s with 8, 2 s with 16 to 64): use them all.
-        with ThreadPoolExecutor(min(concurrency, len(uploads)), thread_name_prefix="stage") as pool:
-            list(pool.map(put, uploads))
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise TaskFailure(
+            FailureKind.UNPUBLISHABLE,
+            "the workspace root changed after the scan (it is gone or a link now); "
+            "nothing was published",
+        ) from None
+    try:
+        if uploads:
+            # Unlike downloads, uploads of small objects wait on the server (measured: 2,000 x
+            # 16 KiB took 15 s with 2 threads, 3.2 s with 8, 2 s with 16 to 64): use them all.
+            workers = min(concurrency, len(uploads))
+            with ThreadPoolExecutor(workers, thread_name_prefix="stage") as pool:
+                list(pool.map(put, uploads))
+    finally:
+        os.close(root_fd)
     if changes.deleted:
         lakefs.delete_objects(
             repository, branch, [relative_to_key(r, prefix) for r in changes.deleted]

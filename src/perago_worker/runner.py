@@ -8,6 +8,16 @@ that timed out, was cancelled or re-delivered cancels its attempt cooperatively.
 
 Reports use `POST /api/tasks` with retries, never `update-v2` (which hands out a next
 task that a draining worker would strand).
+
+Every attempt has a deadline (`invocation.timeout_for`, counted from its poll): the lease
+keeper expires attempts past it (`ctx.expire`: cancelled unless they began to publish) and
+renews no lease for them; `invocation` stops a handler still running at it. Such an attempt
+is reported FAILED `timed_out`.
+
+Health: each poll loop and the lease keeper stamp a `Heartbeat` before every step, with the
+longest that step may take. The main thread (`run_forever`) looks at them every
+`WATCH_SECONDS`: a loop that died or stalled puts the worker into state `failed` (`/healthz`
+503 with the cause), it drains and exits with `EXIT_FAILED`, so the orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -17,42 +27,168 @@ import random
 import signal
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 from conductor.client.http.models.task import Task
 from conductor.client.http.models.task_result import TaskResult
 
-from perago_worker import faultpoints
+from perago_worker import faultpoints, invocation
 from perago_worker.app import TaskSpec, Worker
 from perago_worker.attempt import Attempt, Deps, Outcome
 from perago_worker.context import TaskContext
-from perago_worker.contract import Status, bound_reason
+from perago_worker.contract import FailureKind, Status, TaskFailure, bound_reason
 from perago_worker.fences import Incarnation, attempt_verdict, delivery_token
 from perago_worker.observability import logging as plog
 from perago_worker.observability import metrics
 
+# A loop is stalled when it stamped no heartbeat for max(STALL_FACTOR x its period,
+# STALL_FLOOR_SECONDS); the main thread looks every WATCH_SECONDS. A worker that failed at run
+# time exits with EXIT_FAILED (2 is a failed start, 130 a second signal).
+STALL_FACTOR = 3
+STALL_FLOOR_SECONDS = 30.0
+WATCH_SECONDS = 0.5
+EXIT_FAILED = 3
+SLOT_WAIT_SECONDS = 0.5  # a poll loop waits this long for a free slot before looking again
+MAX_POLL_BACKOFF_SECONDS = 30.0  # the longest wait between failed polls
+LEASE_TICK_SECONDS = 0.25  # the lease keeper's round
+# The Conductor client (httpx) tries a connection up to 4 times, 1.5 s apart in all, each
+# bounded by the request timeout; tenacity sleeps at most 5 s between retries.
+CONNECT_TRIES = 4
+CONNECT_BACKOFF_SECONDS = 1.5
+MAX_RETRY_SLEEP_SECONDS = 5.0
+LEASE_RETRY_SECONDS = 5.0  # conductor.extend_lease's retry budget
+LEASE_FENCE_RETRY_SECONDS = 2.0  # the fence read after each extension
+
+
+def request_bound(request_timeout: float, wait: float = 0.0) -> float:
+    """The longest one Conductor request takes: every connection try, each up to the
+    request's wait (a long poll's) plus the request timeout."""
+    return CONNECT_TRIES * (wait + request_timeout) + CONNECT_BACKOFF_SECONDS
+
+
+def call_bound(request_timeout: float, retry_seconds: float) -> float:
+    """The longest one retried Conductor call takes: the last try starts at most
+    `retry_seconds` plus one retry sleep after the first, and takes one request bound."""
+    return retry_seconds + MAX_RETRY_SLEEP_SECONDS + request_bound(request_timeout)
+
+
+class Heartbeat:
+    """One loop's sign of life, for the liveness check.
+
+    Before each step the loop stamps it with the longest that step may take (its period):
+    the loop is stalled once no stamp came for max(STALL_FACTOR x period, STALL_FLOOR_SECONDS),
+    and dead once its thread ended or raised. The bound follows the client's own timeouts on
+    purpose: a loop waiting on a Conductor that does not answer is waiting, not stuck (a
+    restart would not make Conductor answer); one stuck anywhere else is.
+    """
+
+    def __init__(
+        self, name: str, period: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.name = name
+        self._clock = clock
+        self.period = period
+        self.last = clock()
+        self.error: str | None = None
+        self.thread: threading.Thread | None = None
+
+    def stamp(self, period: float) -> None:
+        self.period = period
+        self.last = self._clock()
+
+    def died(self, error: str) -> None:
+        self.error = error
+
+    @property
+    def bound(self) -> float:
+        return max(STALL_FACTOR * self.period, STALL_FLOOR_SECONDS)
+
+    def age(self) -> float:
+        return max(0.0, self._clock() - self.last)
+
+    def problem(self) -> str | None:
+        """Why this loop is not alive and well, or None."""
+        if self.error is not None:
+            return f"{self.name} died: {self.error}"
+        if self.thread is not None and not self.thread.is_alive():
+            return f"{self.name} died: its thread ended"
+        age = self.age()
+        if age > self.bound:
+            return f"{self.name} stalled: no heartbeat for {age:.0f} s (bound {self.bound:.0f} s)"
+        return None
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "alive": self.problem() is None,
+            "heartbeat_age_seconds": round(self.age(), 3),
+            "stall_bound_seconds": round(self.bound, 3),
+            "error": self.error,
+        }
+
+
+PREFLIGHT_STATES = ("pending", "passed", "failed", "skipped")
+
 
 class Lifecycle:
-    """starting -> validating -> running -> draining -> stopped (or failed)."""
+    """starting -> validating -> running -> draining -> stopped (or failed).
+
+    `failed` is reached when the preflight fails and, at run time, when a watched loop died
+    or stalled (`fail`); `problems` is what the liveness check answers from.
+    """
 
     def __init__(self) -> None:
         self.state = "starting"
-        self.preflight_ok = False
+        self.preflight = "pending"  # one of PREFLIGHT_STATES
+        self.failure: str | None = None
         self.last_poll: float | None = None
+        self.loops: dict[str, Heartbeat] = {}
         metrics.set_state(self.state)
 
     def set(self, state: str) -> None:
         self.state = state
         metrics.set_state(state)
 
+    def fail(self, cause: str) -> None:
+        self.failure = cause
+        self.set("failed")
+
+    @property
+    def preflight_ok(self) -> bool:
+        """True only when the preflight ran and passed (skipped is not ok)."""
+        return self.preflight == "passed"
+
+    @preflight_ok.setter
+    def preflight_ok(self, value: bool) -> None:
+        self.preflight = "passed" if value else "pending"
+
     @property
     def ready(self) -> bool:
-        return self.preflight_ok and self.state == "running"
+        """Running after a preflight that passed, or that the operator skipped."""
+        return self.preflight in ("passed", "skipped") and self.state == "running"
 
     def heartbeat(self) -> None:
         self.last_poll = time.time()
         metrics.LAST_POLL.set(self.last_poll)
+
+    def watch(self, beat: Heartbeat) -> Heartbeat:
+        self.loops[beat.name] = beat
+        return beat
+
+    def problems(self) -> list[str]:
+        """Why the process is not alive and well: empty when it is.
+
+        Loops are judged only while running: a drain ends the poll loops on purpose.
+        """
+        causes = []
+        if self.state == "failed":
+            causes.append(self.failure or "failed")
+        if self.state == "running":
+            causes += [p for beat in list(self.loops.values()) if (p := beat.problem())]
+        return causes
 
 
 @dataclass
@@ -87,18 +223,47 @@ class Runner:
             name: threading.BoundedSemaphore(self.settings.concurrency_for(name))
             for name in app.tasks
         }
+        # Process-isolated handlers must be importable by a child: refused here, not per task.
+        invocation.prepare(app.tasks.values(), self.settings)
+
+    @property
+    def poll_period(self) -> float:
+        """The longest one healthy poll step takes: a slot wait plus one long poll."""
+        wait = self.settings.poll_timeout_ms / 1000
+        return SLOT_WAIT_SECONDS + request_bound(self._request_timeout, wait)
+
+    @property
+    def lease_period(self) -> float:
+        """The longest the lease keeper spends on one attempt: an extension and a fence read."""
+        timeout = self._request_timeout
+        return call_bound(timeout, LEASE_RETRY_SECONDS) + call_bound(
+            timeout, LEASE_FENCE_RETRY_SECONDS
+        )
+
+    @property
+    def _request_timeout(self) -> float:
+        return float(getattr(self.deps.conductor, "request_timeout", 10.0))
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         self.lifecycle.set("running")
         for spec in self.app.tasks.values():
+            beat = self.lifecycle.watch(Heartbeat(f"poll loop {spec.name}", self.poll_period))
             thread = threading.Thread(
-                target=self._poll_loop, args=(spec,), name=f"poll-{spec.name}", daemon=True
+                target=self._guarded,
+                args=(beat, self._poll_loop, spec),
+                name=f"poll-{spec.name}",
+                daemon=True,
             )
+            beat.thread = thread
             thread.start()
             self._threads.append(thread)
-        keeper = threading.Thread(target=self._lease_loop, name="lease-keeper", daemon=True)
+        beat = self.lifecycle.watch(Heartbeat("lease keeper", LEASE_TICK_SECONDS))
+        keeper = threading.Thread(
+            target=self._guarded, args=(beat, self._lease_loop), name="lease-keeper", daemon=True
+        )
+        beat.thread = keeper
         keeper.start()
         self.log.info(
             "worker.running",
@@ -107,9 +272,38 @@ class Runner:
             environment=self.settings.environment,
         )
 
+    def _guarded(self, beat: Heartbeat, loop: Callable[..., None], *args: Any) -> None:
+        """Run a loop; if it raises, record why it died (the watchdog fails the worker)."""
+        try:
+            loop(beat, *args)
+        except BaseException as exc:
+            beat.died(f"{type(exc).__name__}: {exc}"[:300])
+            self.log.error(
+                "loop.died",
+                loop=beat.name,
+                error=repr(exc)[:300],
+                traceback=traceback.format_exc(limit=8),
+            )
+
     def in_flight(self) -> int:
         with self._lock:
             return len(self._inflight)
+
+    def health(self) -> dict[str, Any]:
+        """For `/status`: each loop's heartbeat and the handler threads left behind."""
+        return {
+            "loops": {name: beat.view() for name, beat in self.lifecycle.loops.items()},
+            "abandoned_handler_threads": invocation.abandoned_threads(),
+        }
+
+    def check_health(self) -> list[str]:
+        """The watchdog's look: a dead or stalled loop fails the worker (state `failed`)."""
+        causes = self.lifecycle.problems()
+        if causes and self.lifecycle.state == "running":
+            cause = "; ".join(causes)
+            self.log.error("worker.failed", cause=cause)
+            self.lifecycle.fail(cause)
+        return causes
 
     def run_forever(self) -> int:
         """Serve until SIGTERM/SIGINT, then drain. A second signal exits at once."""
@@ -128,14 +322,20 @@ class Runner:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(WATCH_SECONDS):
+            if self.check_health():
+                break  # failed: drain what is in flight, then exit for a restart
         self.drain()
-        return 0
+        return EXIT_FAILED if self.lifecycle.state == "failed" else 0
 
     def drain(self) -> None:
-        """Stop polling, let in-flight attempts finish within the grace, abort the rest."""
-        self.lifecycle.set("draining")
+        """Stop polling, let in-flight attempts finish within the grace, abort the rest.
+
+        A worker that failed stays `failed` throughout (liveness keeps answering 503).
+        """
+        failed = self.lifecycle.state == "failed"
+        if not failed:
+            self.lifecycle.set("draining")
         self._draining.set()
         grace = self.settings.drain_grace_seconds
         self.log.info("worker.draining", in_flight=self.in_flight(), grace_seconds=grace)
@@ -146,8 +346,10 @@ class Runner:
             time.sleep(0.1)
         aborted = self._abort_leftovers()
         self._stopped.set()
-        self.lifecycle.set("stopped")
-        self.log.info("worker.stopped", aborted=aborted)
+        killed = invocation.stop_children()  # handler processes of aborted attempts
+        if not failed:
+            self.lifecycle.set("stopped")
+        self.log.info("worker.stopped", aborted=aborted, handler_processes_killed=killed)
 
     def _abort_leftovers(self) -> int:
         """Past the grace: abort what has not begun to publish, let publishing ones finish.
@@ -195,7 +397,7 @@ class Runner:
 
     # -- polling --------------------------------------------------------------------------
 
-    def _poll_loop(self, spec: TaskSpec) -> None:
+    def _poll_loop(self, beat: Heartbeat, spec: TaskSpec) -> None:
         """Long-poll for one task, then sweep up a backlog without waiting.
 
         Conductor's batch poll waits out its whole timeout trying to fill the batch, so
@@ -206,14 +408,17 @@ class Runner:
         slots = self._slots[spec.name]
         backoff = 0.0
         while not self._draining.is_set():
-            if not slots.acquire(timeout=0.5):
+            beat.stamp(self.poll_period)
+            if not slots.acquire(timeout=SLOT_WAIT_SECONDS):
                 continue
             token = delivery_token(self.settings.worker_id)
             tasks = self._poll(spec, token, 1, self.settings.poll_timeout_ms)
             if tasks is None:
                 slots.release()
-                backoff = min(30.0, max(0.5, backoff * 2))
-                self._draining.wait(backoff * random.uniform(0.5, 1.0))
+                backoff = min(MAX_POLL_BACKOFF_SECONDS, max(0.5, backoff * 2))
+                wait = backoff * random.uniform(0.5, 1.0)
+                beat.stamp(wait)
+                self._draining.wait(wait)
                 continue
             backoff = 0.0
             if not tasks:
@@ -222,9 +427,11 @@ class Runner:
             for task in tasks:
                 faultpoints.hit("poll.received")
                 self._launch(spec, task, token)
+            faultpoints.fail("poll.die")
             extra = 0
             while extra < self.settings.poll_batch - 1 and slots.acquire(blocking=False):
                 extra += 1
+            beat.stamp(self.poll_period)
             token = delivery_token(self.settings.worker_id)
             more = (self._poll(spec, token, extra, 0) or []) if extra else []
             for _ in range(extra - len(more)):
@@ -278,6 +485,7 @@ class Runner:
             delivery_token=token,
             _config=settings.handler_value,
             log=log,
+            deadline=time.monotonic() + invocation.timeout_for(spec, settings),
         )
         timeout = int(task.response_timeout_seconds or spec.response_timeout_seconds)
         interval = max(1.0, settings.lease_factor * timeout)
@@ -288,7 +496,15 @@ class Runner:
         thread = threading.Thread(
             target=self._run_attempt, args=(entry,), name=f"attempt-{task.task_id[:8]}", daemon=True
         )
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:
+            # No thread (the process is out of them): undo, and let the poll loop die of it.
+            with self._lock:
+                self._inflight.pop(entry.key, None)
+            metrics.IN_FLIGHT.labels(task_type=spec.name).dec()
+            self._slots[spec.name].release()
+            raise
 
     # -- one attempt ----------------------------------------------------------------------
 
@@ -326,7 +542,11 @@ class Runner:
                 incarnation=Incarnation.of(entry.task),
             )
             outcome = attempt.run()
-            if ctx.cancelled:
+            if ctx.timed_out and outcome.kind != FailureKind.TIMED_OUT.value:
+                # Past its deadline before it began to publish, whatever phase it was in
+                # (downloads, checks, staging) and whatever that phase made of it.
+                outcome = self._timed_out(entry)
+            if ctx.cancelled and not ctx.timed_out:
                 # Cancelled means the lease was lost (a zombie must not report: its update
                 # could overwrite the live attempt's) or the drain already reported it.
                 outcome.report = False
@@ -352,6 +572,15 @@ class Runner:
             metrics.IN_FLIGHT.labels(task_type=spec.name).dec()
             self._slots[spec.name].release()
 
+    def _timed_out(self, entry: InFlight) -> Outcome:
+        timeout = invocation.timeout_for(entry.spec, self.settings)
+        failure = TaskFailure(
+            FailureKind.TIMED_OUT,
+            f"the attempt passed its deadline of {timeout:g} s before it began to publish; "
+            "nothing was published",
+        )
+        return Outcome(failure.status, reason=failure.reason, kind=failure.kind.value)
+
     def _report(self, entry: InFlight, outcome: Outcome) -> None:
         with entry.lock:
             if entry.reported:
@@ -362,7 +591,13 @@ class Runner:
             task_id=entry.task.task_id,
             status=outcome.status.value,
             output_data=outcome.output,
-            reason_for_incompletion=bound_reason(outcome.reason) if outcome.reason else None,
+            # Masked like the logs (a handler's exception text can carry a secret), then
+            # bounded again: a mask is longer than a short secret.
+            reason_for_incompletion=(
+                bound_reason(plog.mask_text(outcome.reason, plog.secret_values(self.settings)))
+                if outcome.reason
+                else None
+            ),
             worker_id=self.settings.worker_id,
         )
         started = time.monotonic()
@@ -378,20 +613,30 @@ class Runner:
 
     # -- leases ---------------------------------------------------------------------------
 
-    def _lease_loop(self) -> None:
+    def _lease_loop(self, beat: Heartbeat) -> None:
         while not self._stopped.is_set():
+            beat.stamp(LEASE_TICK_SECONDS)
+            faultpoints.fail("lease.die")
             now = time.monotonic()
             with self._lock:
-                # A cancelled attempt (superseded, or given up by the drain) renews nothing:
-                # its task id may already belong to a newer delivery, whose lease is not ours.
-                due = [
-                    e
-                    for e in self._inflight.values()
-                    if e.next_lease <= now and not e.reported and not e.ctx.cancelled
-                ]
+                entries = list(self._inflight.values())
+            for e in entries:
+                # The deadline: cancelled unless already publishing (a merge is never cut).
+                deadline = e.ctx.deadline
+                if deadline is None or now < deadline:
+                    continue
+                if e.ctx.expire("the attempt passed its deadline"):
+                    e.ctx.log.warning("attempt.deadline", seconds_over=round(now - deadline, 3))
+            # A cancelled attempt (superseded, past its deadline, or given up by the drain)
+            # renews nothing: its task id may already belong to a newer delivery, whose lease
+            # is not ours. One past its deadline that is publishing keeps its lease.
+            due = [
+                e for e in entries if e.next_lease <= now and not e.reported and not e.ctx.cancelled
+            ]
             if faultpoints.armed("lease.disabled"):
                 due = []
             for entry in due:
+                beat.stamp(self.lease_period)
                 entry.next_lease = time.monotonic() + entry.interval
                 try:
                     self.deps.conductor.extend_lease(entry.task)
@@ -403,5 +648,5 @@ class Runner:
                     metrics.LEASE_EXTENSIONS.labels(task_type=entry.spec.name, result="error").inc()
                     entry.ctx.log.warning("lease.failed", error=str(exc)[:200])
                     continue
-                self.is_live(entry, retry_seconds=2)
-            self._stopped.wait(0.25)
+                self.is_live(entry, retry_seconds=LEASE_FENCE_RETRY_SECONDS)
+            self._stopped.wait(LEASE_TICK_SECONDS)

@@ -89,8 +89,20 @@ class Settings(BaseSettings):
     scratch_root: Path = Field(Path("~/.cache/perago/attempts"))
     min_free_disk_mb: int = Field(512, ge=0)
     keep_failed_workspaces: bool = False
-    cache_max_bytes: int = Field(2 * 1024**3, ge=0, description="0 disables the object cache")
-    cache_mode: Literal["copy", "link"] = "copy"
+    cache_max_bytes: int = Field(
+        2 * 1024**3,
+        ge=0,
+        description="Bound of the object cache, shared by every process using the folder; "
+        "0 disables it",
+    )
+    cache_mode: Literal["copy"] = Field(
+        "copy", description="Cache hits are private copies (reflinks where supported), verified"
+    )
+    portable_names: bool = Field(
+        False,
+        description="Also refuse keys and files whose names are equal ignoring case "
+        "(names equal under Unicode normalization are always refused)",
+    )
 
     concurrency: int = Field(4, ge=1, description="Attempts in flight per task type")
     concurrency_per_task: dict[str, int] = Field(default_factory=dict)
@@ -98,6 +110,17 @@ class Settings(BaseSettings):
     poll_timeout_ms: int = Field(2000, ge=0, le=5000)
     lease_factor: float = Field(0.5, gt=0, le=0.8)
     drain_grace_seconds: float = Field(60.0, ge=0)
+    task_timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Deadline of an attempt (up to the start of its publish) for tasks that "
+        "set no timeout=; none: the definition's timeoutSeconds, max(3600, 4 x response timeout)",
+    )
+    task_isolation: Literal["thread", "process"] = Field(
+        "thread",
+        description="Where handlers run unless a task sets isolation=: a thread of the worker, "
+        "or a child process that is killed at the deadline",
+    )
     transfer_concurrency: int = Field(32, ge=1, le=256)
     report_retry_seconds: float = Field(120.0, gt=0)
     merge_retry_seconds: float = Field(
@@ -108,6 +131,25 @@ class Settings(BaseSettings):
         ge=0,
         description="Allowed clock difference between Conductor and lakeFS when the target's "
         "history is searched for an execution's merge",
+    )
+    gc_every_seconds: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="`run` collects garbage (what `perago-worker gc` removes) this often on "
+        "one thread of the daemon; 0 turns it off",
+    )
+    gc_older_than_seconds: float = Field(
+        3600.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="gc removes attempt folders and staging branches older than this",
+    )
+    gc_intent_older_than_seconds: float = Field(
+        7 * 86400.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="gc removes intent branches of terminal workflows older than this",
     )
 
     http_host: str = "0.0.0.0"
@@ -141,6 +183,15 @@ class Settings(BaseSettings):
     def _environment(cls, value: str) -> str:
         if not ENV_NAME.match(value):
             raise ValueError("must be dev, staging, prod or personal-<name> (lowercase)")
+        return value
+
+    @field_validator("cache_mode", mode="before")
+    @classmethod
+    def _link_mode_removed(cls, value: Any) -> Any:
+        if value == "link":
+            from perago_worker.cache import LINK_MODE_REMOVED
+
+            raise ValueError(LINK_MODE_REMOVED)
         return value
 
     @field_validator("scratch_root")

@@ -4,7 +4,11 @@ CPU-bound handlers hold the GIL; separate processes give them separate cores. Th
 supervisor runs the preflight once, starts the children (each with its own worker id, no
 HTTP server), serves /healthz, /readyz and /metrics for all of them (prometheus-client's
 multiprocess mode aggregates the children's metric files), forwards SIGTERM so every child
-drains, restarts a child that dies, and exits 0 once all have drained.
+drains, restarts a child that dies, and exits 0 once all have drained. With `--gc-every`
+(or `gc_every_seconds`) the supervisor alone runs the gc schedule; the children never do.
+
+After SIGTERM the supervisor waits up to `drain_grace_seconds + DRAIN_MARGIN_SECONDS` for
+its children (their grace plus the last long poll), then kills the stragglers and exits 1.
 """
 
 from __future__ import annotations
@@ -21,9 +25,20 @@ from types import FrameType
 
 from perago_worker.settings import Settings
 
+# Beyond `drain_grace_seconds`, how long the supervisor waits for its children to drain
+# before it kills them: with the default grace (60 s) it is done within the 90 s of
+# deploy/kubernetes/deployment.yaml's terminationGracePeriodSeconds.
+DRAIN_MARGIN_SECONDS = 15.0
+
 
 def supervise(
-    app: str, settings: Settings, *, processes: int, skip_preflight: bool, config: str | None
+    app: str,
+    settings: Settings,
+    *,
+    processes: int,
+    skip_preflight: bool,
+    config: str | None,
+    gc_every: float = 0.0,
 ) -> int:
     multiproc = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
         prefix="perago-metrics-"
@@ -36,13 +51,14 @@ def supervise(
 
     from prometheus_client import multiprocess
 
-    from perago_worker.cli import CliError, _app, _secrets, clients
+    from perago_worker.compose import CliError, clients, load_worker
+    from perago_worker.gc import PeriodicGc, schedule
     from perago_worker.observability import logging as plog
     from perago_worker.observability.health import HealthServer
-    from perago_worker.preflight import run_preflight
+    from perago_worker.preflight import preflight_clients, run_preflight
     from perago_worker.runner import Lifecycle
 
-    plog.configure(settings.log_level, settings.log_format, _secrets(settings))
+    plog.configure(settings.log_level, settings.log_format, plog.secret_values(settings))
     log = plog.get_logger(supervisor=settings.worker_id)
     lifecycle = Lifecycle()
     children: dict[int, subprocess.Popen[bytes]] = {}
@@ -54,15 +70,18 @@ def supervise(
     health = HealthServer(settings.http_host, settings.http_port, lifecycle, child_alive)
     health.start()
     lifecycle.set("validating")
-    worker = _app(app)
-    if not skip_preflight:
-        lakefs, conductor = clients(settings)
-        results = run_preflight(settings, worker, lakefs, conductor)
+    worker = load_worker(app)
+    if skip_preflight:
+        lifecycle.preflight = "skipped"  # as `run` without --processes reports it
+    else:
+        results = run_preflight(settings, worker, *preflight_clients(settings))
         failed = [r for r in results if r.ok is False]
         if failed:
-            lifecycle.set("failed")
-            raise CliError(f"preflight failed: {failed[0].name}: {failed[0].detail}")
-    lifecycle.preflight_ok = True
+            cause = f"preflight failed: {failed[0].name}: {failed[0].detail}"
+            lifecycle.preflight = "failed"
+            lifecycle.fail(cause)
+            raise CliError(cause)
+        lifecycle.preflight = "passed"
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
         env = {
@@ -80,6 +99,12 @@ def supervise(
         children[index] = spawn(index)
     lifecycle.set("running")
     log.info("supervisor.running", processes=processes, http_port=health.port)
+    periodic_gc: PeriodicGc | None = None
+    if gc_every > 0:
+        gc_lakefs, gc_conductor = clients(settings)
+        periodic_gc = schedule(
+            settings, gc_lakefs, gc_conductor, every=gc_every, log=log, stop_when=stopping.is_set
+        )
 
     signals_seen = 0
 
@@ -103,9 +128,10 @@ def supervise(
                 time.sleep(1)
                 children[index] = spawn(index)
     lifecycle.set("draining")
-    # Children drain within their grace plus one long poll; this stays inside a
-    # terminationGracePeriodSeconds of drain grace + 30.
-    deadline = time.monotonic() + settings.drain_grace_seconds + 15
+    # Children drain within their grace plus one long poll.
+    deadline = time.monotonic() + settings.drain_grace_seconds + DRAIN_MARGIN_SECONDS
+    if periodic_gc is not None:
+        periodic_gc.stop()  # the children drain meanwhile
     code = 0
     for proc in children.values():
         try:

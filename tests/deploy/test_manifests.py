@@ -321,7 +321,13 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
 @pytest.fixture
 def k8s_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
     """The settings a replica builds: image ENV < container env; the ConfigMap's file."""
-    container = worker_container()
+    return pod_settings(monkeypatch, tmp_path, pod_spec(), worker_container())
+
+
+def pod_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pod: dict[str, Any], container: dict[str, Any]
+) -> Settings:
+    """The settings `container` of `pod` builds: image ENV < container env; the ConfigMap."""
     env = {k: v for k, v in image_env().items() if k.startswith("PERAGO_")}
     env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
     secret = k8s("Secret")
@@ -332,7 +338,7 @@ def k8s_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
     config_path = env.pop("PERAGO_CONFIG")
 
     mount = next(m for m in container["volumeMounts"] if config_path.startswith(m["mountPath"]))
-    volume = next(v for v in pod_spec()["volumes"] if v["name"] == mount["name"])
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     configmap = k8s("ConfigMap")
     assert volume["configMap"]["name"] == configmap["metadata"]["name"]
     relative = config_path.removeprefix(mount["mountPath"]).lstrip("/")
@@ -456,6 +462,140 @@ def test_kustomization_lists_every_manifest() -> None:
     listed = kustomization["resources"]
     present = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
     assert sorted(listed) == present
+
+
+# -- the gc CronJob ---------------------------------------------------------------------------
+
+CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day", 1, 31), ("month", 1, 12), ("dow", 0, 7))
+
+
+def cron_field(text: str, low: int, high: int) -> set[int]:
+    """The values one numeric cron field selects (`*`, `a`, `a-b`, `a,b`, `*/n`, `a-b/n`)."""
+    values: set[int] = set()
+    for part in text.split(","):
+        span, slash, step_text = part.partition("/")
+        step = int(step_text) if slash else 1
+        if step < 1:
+            raise ValueError(f"step {step} in {text!r}")
+        if span == "*":
+            start, end = low, high
+        elif "-" in span:
+            first, _, last = span.partition("-")
+            start, end = int(first), int(last)
+        else:
+            start = int(span)
+            end = high if slash else start
+        if not low <= start <= end <= high:
+            raise ValueError(f"{text!r} is outside {low}-{high}")
+        values.update(range(start, end + 1, step))
+    return values
+
+
+def parse_cron(schedule: str) -> list[set[int]]:
+    """The five fields of a standard cron schedule, as Kubernetes' CronJob reads it."""
+    fields = schedule.split()
+    if len(fields) != len(CRON_FIELDS):
+        raise ValueError(f"{schedule!r} has {len(fields)} fields, not 5")
+    return [cron_field(f, low, high) for f, (_, low, high) in zip(fields, CRON_FIELDS, strict=True)]
+
+
+def gc_job() -> dict[str, Any]:
+    return k8s("CronJob")
+
+
+def gc_pod() -> dict[str, Any]:
+    pod: dict[str, Any] = gc_job()["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return pod
+
+
+def gc_container() -> dict[str, Any]:
+    containers = gc_pod()["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def test_the_gc_cronjob_runs_gc_in_the_workers_image() -> None:
+    assert gc_job()["apiVersion"] == "batch/v1"
+    container = gc_container()
+    assert container["args"] == ["gc"]
+    assert container["image"] == worker_container()["image"]
+    assert "command" not in container, "the image's ENTRYPOINT is perago-worker"
+
+
+def test_the_gc_cronjob_has_the_workers_config_and_credentials(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    worker = pod_settings(monkeypatch, tmp_path, pod_spec(), worker_container())
+    job = pod_settings(monkeypatch, tmp_path, gc_pod(), gc_container())
+    assert gc_container()["envFrom"] == worker_container()["envFrom"]
+    # Everything gc reads: the servers, credentials, repositories, thresholds, scratch root.
+    for name in (
+        "environment",
+        "lakefs",
+        "conductor",
+        "allowed_repositories",
+        "gc_older_than_seconds",
+        "gc_intent_older_than_seconds",
+        "scratch_root",
+    ):
+        assert getattr(job, name) == getattr(worker, name), name
+    assert job.allowed_repositories, "gc collects branches of allowed_repositories"
+
+
+def test_the_gc_cronjob_mounts_config_and_a_writable_scratch_root_like_the_workers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    scratch_root = str(pod_settings(monkeypatch, tmp_path, gc_pod(), gc_container()).scratch_root)
+    volumes = {v["name"]: v for v in gc_pod()["volumes"]}
+    mounts = {m["mountPath"]: m for m in gc_container()["volumeMounts"]}
+    worker_volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    worker_mounts = {m["mountPath"]: m for m in worker_container()["volumeMounts"]}
+    config = mounts["/etc/perago"]
+    assert config["readOnly"] is True
+    assert volumes[config["name"]] == worker_volumes[worker_mounts["/etc/perago"]["name"]]
+    assert scratch_root in mounts and "emptyDir" in volumes[mounts[scratch_root]["name"]]
+    assert gc_container()["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "/tmp" in mounts, "a read-only root needs a writable /tmp"
+
+
+def test_the_gc_cronjob_never_overlaps_and_is_bounded() -> None:
+    spec = gc_job()["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid"
+    job = spec["jobTemplate"]["spec"]
+    assert job["activeDeadlineSeconds"] > 0 and job["backoffLimit"] >= 0
+    assert gc_pod()["restartPolicy"] in ("Never", "OnFailure")
+    limits = gc_container()["resources"]["limits"]
+    assert limits["cpu"] and limits["memory"]
+    assert gc_container()["resources"]["requests"]["memory"]
+    assert gc_pod()["securityContext"] == pod_spec()["securityContext"]
+    assert gc_container()["securityContext"] == worker_container()["securityContext"]
+
+
+def test_the_gc_cronjob_schedule_parses_and_runs_hourly_at_most() -> None:
+    minutes, hours, days, months, weekdays = parse_cron(gc_job()["spec"]["schedule"])
+    assert days == set(range(1, 32)) and months == set(range(1, 13))
+    assert weekdays == set(range(8))
+    runs_per_day = len(minutes) * len(hours)
+    # No more often than the staging threshold lets anything become collectable.
+    assert 1 <= runs_per_day <= 86400 // DEFAULTS["gc_older_than_seconds"].default
+
+
+@pytest.mark.parametrize(
+    "schedule", ["* * * *", "60 * * * *", "*/0 * * * *", "5-1 * * * *", "x * * * *"]
+)
+def test_the_schedule_parser_refuses_what_kubernetes_would(schedule: str) -> None:
+    with pytest.raises(ValueError):
+        parse_cron(schedule)
+
+
+def test_the_shipped_workers_also_collect_on_a_schedule(k8s_settings: Settings) -> None:
+    # Attempt folders are in each pod's emptyDir: only the worker's own schedule reaches them.
+    assert 0 < k8s_settings.gc_every_seconds <= 86400
+
+
+def test_the_compose_worker_collects_on_a_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {k: str(v) for k, v in load_one(COMPOSE)["services"]["worker"]["environment"].items()}
+    assert 0 < make_settings(monkeypatch, env).gc_every_seconds <= 86400
 
 
 # -- config files -----------------------------------------------------------------------------

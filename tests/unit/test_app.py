@@ -322,3 +322,103 @@ def test_check_cancelled_raises_with_first_reason() -> None:
     assert ctx.cancelled
     with pytest.raises(Cancelled, match="lease lost"):
         ctx.check_cancelled()
+
+
+# --- deadlines, isolation, async handlers ------------------------------------------------
+
+
+def test_registration_refuses_an_async_handler_naming_the_reason() -> None:
+    async def handler(ctx: TaskContext, params: Params) -> Result:
+        return Result(total=0)
+
+    worker = Worker()
+    with pytest.raises(RegistrationError, match=r"'t'.*`async def` handlers are not supported"):
+        worker.task("t")(handler)
+    assert worker.tasks == {}
+
+
+def test_registration_refuses_an_async_generator_handler() -> None:
+    async def handler(ctx: TaskContext, params: Params) -> Result:  # type: ignore[misc]
+        yield Result(total=0)
+
+    with pytest.raises(RegistrationError, match="async def"):
+        Worker().task("t")(handler)
+
+
+def test_registration_records_timeout_and_isolation() -> None:
+    worker = Worker()
+    worker.task("t", timeout=90, isolation="process")(good_handler)
+    spec = worker.tasks["t"]
+    assert (spec.timeout_seconds, spec.isolation) == (90.0, "process")
+
+
+def test_timeout_and_isolation_default_to_the_settings() -> None:
+    worker = Worker()
+    worker.task("t")(good_handler)
+    assert (worker.tasks["t"].timeout_seconds, worker.tasks["t"].isolation) == (None, None)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, True, "60"])
+def test_registration_refuses_a_timeout_that_is_not_positive_seconds(timeout: Any) -> None:
+    with pytest.raises(RegistrationError, match="timeout must be a number of seconds > 0"):
+        Worker().task("t", timeout=timeout)
+
+
+def test_registration_refuses_an_unknown_isolation() -> None:
+    with pytest.raises(RegistrationError, match="isolation must be one of thread, process"):
+        Worker().task("t", isolation="container")  # type: ignore[arg-type]
+
+
+def test_load_app_records_the_app_path_on_every_task() -> None:
+    app.task("loaded")(good_handler)
+    try:
+        assert load_app(f"{__name__}:app").tasks["loaded"].app_path == f"{__name__}:app"
+    finally:
+        app._tasks.pop("loaded")
+
+
+def test_the_default_deadline_is_the_timeout_register_gives_the_definition() -> None:
+    from perago_worker.register import task_def_for
+
+    worker = Worker()
+    worker.task("short", response_timeout_seconds=60)(good_handler)
+    worker.task("long", response_timeout_seconds=1200)(good_handler)
+    for spec in worker.tasks.values():
+        assert spec.conductor_timeout_seconds == task_def_for(spec).timeout_seconds
+    assert [s.conductor_timeout_seconds for s in worker.tasks.values()] == [3600, 4800]
+
+
+def test_expire_cancels_and_marks_the_attempt_timed_out() -> None:
+    ctx = _ctx()
+    assert ctx.expire("deadline")
+    assert ctx.cancelled and ctx.timed_out
+    with pytest.raises(Cancelled, match="deadline"):
+        ctx.check_cancelled()
+
+
+def test_expire_never_cuts_an_attempt_that_began_to_publish() -> None:
+    ctx = _ctx()
+    assert ctx.begin_publish()
+    assert not ctx.expire("deadline")
+    assert not ctx.cancelled and not ctx.timed_out
+
+
+def test_expire_leaves_an_earlier_cancellation_as_it_was() -> None:
+    ctx = _ctx()
+    ctx.cancel("lease lost")
+    assert not ctx.expire("deadline")
+    assert not ctx.timed_out and ctx.cancel_reason == "lease lost"
+
+
+def test_an_expired_attempt_cannot_begin_to_publish() -> None:
+    ctx = _ctx()
+    ctx.expire("deadline")
+    assert not ctx.begin_publish()
+
+
+def test_seconds_left_counts_down_to_the_deadline_and_stops_at_zero() -> None:
+    import time
+
+    assert _ctx().seconds_left() is None
+    assert 9 < (_ctx(deadline=time.monotonic() + 10).seconds_left() or 0) <= 10
+    assert _ctx(deadline=time.monotonic() - 5).seconds_left() == 0.0

@@ -6,6 +6,8 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from perago_worker.contract import (
     CONDUCTOR_INJECTED_KEYS,
@@ -192,6 +194,7 @@ RETRYABLE = [
     FailureKind.INFRASTRUCTURE,
     FailureKind.DISK_FULL,
     FailureKind.ABORTED,
+    FailureKind.TIMED_OUT,
 ]
 
 
@@ -227,8 +230,9 @@ def test_task_failure_reason_is_prefixed_by_kind() -> None:
 def test_task_failure_reason_is_bounded() -> None:
     failure = TaskFailure(FailureKind.HANDLER_ERROR, "x" * 5000)
     assert len(failure.reason) == MAX_REASON
-    assert failure.reason.startswith("handler_error: ")
-    assert failure.reason.endswith("…")
+    assert failure.reason.startswith("handler_error: x")
+    assert failure.reason.endswith("x")
+    assert failure.reason.count("…") == 1
 
 
 def test_task_failure_reason_collapses_whitespace() -> None:
@@ -243,6 +247,74 @@ def test_bound_reason_keeps_short_text() -> None:
 def test_bound_reason_at_exact_limit_is_untouched() -> None:
     text = "y" * MAX_REASON
     assert bound_reason(text) == text
+
+
+def test_bound_reason_keeps_the_kind_and_the_cause_of_a_1024_byte_key() -> None:
+    key = "deep/" + "k" * 1019
+    reason = bound_reason(
+        f"unsafe_key: object key {key!r} has a segment longer than 255 bytes; it cannot be "
+        "materialized safely (repository 'lake' at 0123456789ab)"
+    )
+    assert len(reason) == MAX_REASON
+    assert reason.startswith("unsafe_key: object key 'deep/kkk")
+    assert reason.endswith(
+        "kkk' has a segment longer than 255 bytes; it cannot be materialized safely "
+        "(repository 'lake' at 0123456789ab)"
+    )
+
+
+def test_bound_reason_cuts_the_middle_of_the_longest_values_first() -> None:
+    first, second = "/a/" + "1" * 800 + "/one.txt", "/b/" + "2" * 800 + "/two.txt"
+    reason = bound_reason(f"post_check: missing {first} and {second} (both required)")
+    words = reason.split(" ")
+    assert words[:2] == ["post_check:", "missing"]
+    assert words[3] == "and" and words[5:] == ["(both", "required)"]
+    for word, original in ((words[2], first), (words[4], second)):
+        head, tail = word.split("…")
+        assert original.startswith(head) and original.endswith(tail)
+        assert head.startswith("/a/1" if original is first else "/b/2")
+    assert abs(len(words[2]) - len(words[4])) <= 1, "both shortened to the same length"
+
+
+def test_bound_reason_of_many_short_words_keeps_its_first_and_last_half() -> None:
+    text = "post_check: " + "; ".join(f"file{i}.txt missing" for i in range(500))
+    reason = bound_reason(text)
+    assert len(reason) == MAX_REASON
+    head, tail = reason.split("…")
+    assert text.startswith(head) and text.endswith(tail)
+    assert abs(len(head) - len(tail)) <= 1
+
+
+@given(st.text(), st.integers(min_value=1, max_value=2000))
+def test_bound_reason_fits_any_text_in_the_limit_on_one_line(text: str, limit: int) -> None:
+    reason = bound_reason(text, limit)
+    assert len(reason.encode("utf-16-le")) // 2 <= limit
+    assert reason == " ".join(reason.split())
+
+
+def test_bound_reason_counts_as_conductor_does_a_character_outside_the_bmp_is_two() -> None:
+    reason = bound_reason("handler_error: " + "\U0001f600" * 400)
+    assert len(reason.encode("utf-16-le")) // 2 <= MAX_REASON
+    assert len(reason) < MAX_REASON
+
+
+def test_max_reason_is_what_conductor_keeps_of_a_reason() -> None:
+    assert MAX_REASON == 500  # TaskResult.setReasonForIncompletion keeps 500 UTF-16 units
+
+
+@given(st.text())
+def test_bound_reason_is_idempotent(text: str) -> None:
+    assert bound_reason(bound_reason(text)) == bound_reason(text)
+
+
+@given(
+    st.sampled_from(list(FailureKind)),
+    st.lists(st.text(alphabet="abc/._", min_size=1, max_size=3000), min_size=1, max_size=6),
+)
+def test_bound_reason_always_keeps_the_kind_prefix(kind: FailureKind, values: list[str]) -> None:
+    reason = TaskFailure(kind, " ".join(values)).reason
+    assert reason.startswith(f"{kind.value}: ")
+    assert len(reason) <= MAX_REASON
 
 
 # --- TaskOutput --------------------------------------------------------------------------

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
+import random
+import unicodedata
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -11,12 +16,15 @@ from hypothesis import strategies as st
 
 from perago_worker.paths import (
     InvalidPrefix,
+    NameCollision,
     TreeShape,
     UnsafeKey,
     contained,
+    distinct_names,
     key_to_relative,
     local_path,
     normalize_prefix,
+    open_beneath,
     relative_to_key,
     validate_relative,
 )
@@ -269,3 +277,189 @@ def test_tree_shape_accepts_siblings_and_nested_files() -> None:
     shape = TreeShape()
     for rel in ("a/b", "a/c", "a/d/e", "ab", "a.txt"):
         shape.add(PurePosixPath(rel))
+
+
+# --- distinct_names ----------------------------------------------------------------------
+
+NFC_E, NFD_E = "\u00e9", "e\u0301"  # é precomposed, and e + COMBINING ACUTE ACCENT
+# Pieces whose names collide under NFC or case: é both ways, É, the Kelvin sign (NFC: K), ß.
+_NAME_PIECES = ["e", NFC_E, NFD_E, "E", "\u00c9", "k", "K", "\u212a", "\u00df", "ss", "a", "\u0301"]
+segments = st.lists(st.sampled_from(_NAME_PIECES), min_size=1, max_size=3).map("".join)
+name_keys = st.lists(segments, min_size=1, max_size=3).map("/".join)
+
+
+def _nfc(segment: str) -> str:
+    return unicodedata.normalize("NFC", segment)
+
+
+def _caseless(segment: str) -> str:
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", segment).casefold())
+
+
+def _clash(keys: list[str], fold: Callable[[str], str]) -> bool:
+    """Oracle, pair by pair: two keys whose folders (or names) at one depth are spelled
+    differently but fold to the same name."""
+    for a, b in itertools.combinations(set(keys), 2):
+        sa, sb = a.split("/"), b.split("/")
+        for depth in range(1, min(len(sa), len(sb)) + 1):
+            left, right = sa[:depth], sb[:depth]
+            if left != right and [fold(x) for x in left] == [fold(y) for y in right]:
+                return True
+    return False
+
+
+def _refusal(keys: list[str], *, case_insensitive: bool = False) -> NameCollision | None:
+    try:
+        distinct_names(keys, case_insensitive=case_insensitive)
+    except NameCollision as exc:
+        return exc
+    return None
+
+
+def test_distinct_names_refuses_nfc_and_nfd_spellings_naming_both() -> None:
+    with pytest.raises(NameCollision) as caught:
+        distinct_names([f"caf{NFC_E}.txt", f"caf{NFD_E}.txt"])
+    message = str(caught.value)
+    assert message == (
+        "object keys 'cafe\\u0301.txt' and 'caf\\xe9.txt' are the same name under Unicode "
+        "normalization (NFC)"
+    )
+
+
+def test_distinct_names_refuses_folders_that_differ_only_in_normalization() -> None:
+    with pytest.raises(NameCollision) as caught:
+        distinct_names([f"in/{NFC_E}/a.txt", f"in/{NFD_E}/b.txt"])
+    assert (caught.value.first, caught.value.second) == (f"in/{NFD_E}", f"in/{NFC_E}")
+    assert caught.value.keys == (f"in/{NFD_E}/b.txt", f"in/{NFC_E}/a.txt")
+    assert "lie in folders 'in/e\\u0301' and 'in/\\xe9'" in str(caught.value)
+
+
+def test_distinct_names_treats_the_kelvin_sign_as_k() -> None:
+    with pytest.raises(NameCollision, match="NFC"):
+        distinct_names(["K.txt", "\u212a.txt"])
+
+
+def test_distinct_names_accepts_names_differing_only_in_case_by_default() -> None:
+    distinct_names(["README.md", "Readme.md", "docs/A.txt", "docs/a.txt"])
+
+
+def test_distinct_names_refuses_names_differing_only_in_case_when_portable() -> None:
+    with pytest.raises(NameCollision, match="ignoring case") as caught:
+        distinct_names(["docs/Readme.md", "docs/README.md"], case_insensitive=True)
+    assert caught.value.keys == ("docs/README.md", "docs/Readme.md")
+
+
+def test_distinct_names_names_files_when_asked() -> None:
+    with pytest.raises(NameCollision, match=r"^files "):
+        distinct_names([NFC_E, NFD_E], what="files")
+
+
+def test_name_collision_is_an_unsafe_key_naming_the_first_key() -> None:
+    with pytest.raises(UnsafeKey) as caught:
+        distinct_names(["b/" + NFC_E, "b/" + NFD_E])
+    assert caught.value.key == "b/" + NFD_E
+
+
+@given(st.lists(name_keys, max_size=8))
+def test_distinct_names_refuses_exactly_the_keys_with_a_clash_under_nfc(keys: list[str]) -> None:
+    assert (_refusal(keys) is not None) == _clash(keys, _nfc)
+
+
+@given(st.lists(name_keys, max_size=8))
+def test_distinct_names_when_portable_refuses_exactly_the_caseless_clashes(
+    keys: list[str],
+) -> None:
+    assert (_refusal(keys, case_insensitive=True) is not None) == _clash(keys, _caseless)
+
+
+@given(st.lists(name_keys, max_size=8), st.booleans())
+def test_distinct_names_names_two_listed_spellings_of_one_name(
+    keys: list[str], case_insensitive: bool
+) -> None:
+    refusal = _refusal(keys, case_insensitive=case_insensitive)
+    if refusal is None:
+        return
+    fold = _caseless if case_insensitive else _nfc
+    assert refusal.first < refusal.second
+    assert [fold(x) for x in refusal.first.split("/")] == [
+        fold(y) for y in refusal.second.split("/")
+    ]
+    for spelling, key in zip((refusal.first, refusal.second), refusal.keys, strict=True):
+        assert key in keys
+        assert key == spelling or key.startswith(spelling + "/")
+
+
+@given(st.lists(name_keys, max_size=8), st.randoms(use_true_random=False), st.booleans())
+def test_distinct_names_names_the_same_pair_whatever_the_listing_order(
+    keys: list[str], rng: random.Random, case_insensitive: bool
+) -> None:
+    shuffled = list(keys)
+    rng.shuffle(shuffled)
+    refused, again = (_refusal(k, case_insensitive=case_insensitive) for k in (keys, shuffled))
+    assert (None if refused is None else str(refused)) == (None if again is None else str(again))
+
+
+@given(st.lists(name_keys, max_size=8))
+def test_distinct_names_when_portable_refuses_all_the_default_refuses(keys: list[str]) -> None:
+    if _refusal(keys) is not None:
+        assert _refusal(keys, case_insensitive=True) is not None
+
+
+@given(st.text(min_size=1).filter(lambda t: "/" not in t))
+def test_distinct_names_refuses_the_nfc_and_nfd_forms_of_any_name_that_has_two(
+    name: str,
+) -> None:
+    spellings = [unicodedata.normalize("NFC", name), unicodedata.normalize("NFD", name)]
+    assert (_refusal(spellings) is not None) == (spellings[0] != spellings[1])
+
+
+# --- open_beneath ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def root_fd(tmp_path: Path) -> Iterator[int]:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    yield fd
+    os.close(fd)
+
+
+def test_open_beneath_opens_a_nested_regular_file(tmp_path: Path, root_fd: int) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c.txt").write_bytes(b"inside")
+    fd = open_beneath(root_fd, PurePosixPath("a/b/c.txt"))
+    try:
+        assert os.read(fd, 100) == b"inside"
+    finally:
+        os.close(fd)
+
+
+def test_open_beneath_refuses_a_file_that_is_a_symlink(tmp_path: Path, root_fd: int) -> None:
+    host = tmp_path.parent / f"{tmp_path.name}-host.txt"
+    host.write_bytes(b"host")
+    (tmp_path / "leak.txt").symlink_to(host)
+    with pytest.raises(OSError) as caught:
+        open_beneath(root_fd, PurePosixPath("leak.txt"))
+    assert caught.value.errno == errno.ELOOP
+
+
+def test_open_beneath_refuses_a_folder_on_the_way_that_is_a_symlink(
+    tmp_path: Path, root_fd: int
+) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "f.txt").write_bytes(b"x")
+    (tmp_path / "via").symlink_to(tmp_path / "real")  # even one that stays inside the root
+    with pytest.raises(OSError) as caught:
+        open_beneath(root_fd, PurePosixPath("via/f.txt"))
+    assert caught.value.errno in (errno.ELOOP, errno.ENOTDIR)
+
+
+def test_open_beneath_opens_a_fifo_without_blocking(tmp_path: Path, root_fd: int) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    fd = open_beneath(root_fd, PurePosixPath("pipe"))
+    os.close(fd)
+
+
+@pytest.mark.parametrize("rel", ["../x", "a/../b", ".."])
+def test_open_beneath_refuses_dot_segments(root_fd: int, rel: str) -> None:
+    with pytest.raises(UnsafeKey):
+        open_beneath(root_fd, PurePosixPath(*rel.split("/")))

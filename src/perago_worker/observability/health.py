@@ -1,8 +1,11 @@
 """One HTTP port for the platform: /healthz (liveness), /readyz (readiness), /metrics, /status.
 
-Liveness fails only when the worker is broken (state `failed`); readiness is true only
-after the preflight passed and while the worker runs, so a draining replica leaves the
-Service before it stops taking tasks.
+Liveness fails (503, naming each cause) when the worker is broken: state `failed` (a failed
+preflight, or a loop that died or stalled at run time), or, while running, a poll loop or the
+lease keeper that died or stamped no heartbeat within its bound (`runner.Heartbeat`): a
+restart is the remedy for both. Readiness is true only while the worker runs after a
+preflight that passed or was skipped, so a draining replica leaves the Service before it
+stops taking tasks.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ class HealthServer:
                     self._send(200, _metrics_payload(), CONTENT_TYPE_LATEST)
                     return
                 if path == "/healthz":
-                    ok = server_self.lifecycle.state != "failed"
-                    self._json(200 if ok else 503, server_self.summary())
+                    summary = server_self.summary()
+                    self._json(503 if summary["causes"] else 200, summary)
                     return
                 if path == "/readyz":
                     ok = server_self.lifecycle.ready
@@ -84,7 +87,9 @@ class HealthServer:
         return {
             "state": self.lifecycle.state,
             "ready": self.lifecycle.ready,
-            "preflight_ok": self.lifecycle.preflight_ok,
+            "preflight": self.lifecycle.preflight,  # pending, passed, failed or skipped
+            "preflight_ok": self.lifecycle.preflight_ok,  # true only when it ran and passed
+            "causes": self.lifecycle.problems(),  # why liveness fails; empty when it does not
             "last_poll_age_seconds": None if last is None else round(time.time() - last, 3),
         }
 

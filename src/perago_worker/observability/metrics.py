@@ -80,6 +80,12 @@ LAST_POLL = Gauge(
     "Unix time of the last successful poll or lease extension (the heartbeat).",
     multiprocess_mode="max",
 )
+ABANDONED_THREADS = Gauge(
+    "perago_abandoned_handler_threads",
+    "Handler threads abandoned at their deadline that are still running (a thread cannot be "
+    "killed).",
+    multiprocess_mode="livesum",
+)
 
 
 def set_state(state: str) -> None:
