@@ -228,12 +228,23 @@ def merge_once(
     was lost is never repeated once it landed, and a superseded attempt sends nothing after
     it learnt so. lakeFS has no compare-and-swap on merge: what remains is the window between
     the fence's answer and the merge landing (`figures.fence_to_merge_ms`).
+
+    Merges are sent without `allow_empty`, so a second merge of a commit that already landed
+    (a slow first request, a racing delivery inside the window) is refused by lakeFS as "no
+    changes" rather than recorded twice. Only when lakeFS says "no changes", the history
+    holds no merge of the execution and no request of ours has an unknown outcome is the
+    merge sent again with `allow_empty`: the target already holds exactly this change (a
+    recomputation), and the execution still gets a merge commit of its own, never an
+    unrelated head. After a request with an unknown outcome that case fails retryably
+    (`MergeOutcomeUnknown`): the retry finds the merge if it landed.
     """
     figures = figures if figures is not None else MergeFigures()
     target = execution.target
     meta = {**metadata, fences.META_EXECUTION: execution.key, fences.META_STAGED: staged_commit}
     deadline = time.monotonic() + retry_seconds
     delay = 0.2
+    unknown_outcome = False
+    allow_empty = False
     while True:
         found = published(lakefs, execution)
         if found is not None:
@@ -249,19 +260,32 @@ def merge_once(
                 target.branch,
                 message,
                 meta,
-                # An empty merge still records the execution: a recomputation whose result
-                # the target already holds gets a ref of its own, never an unrelated head.
-                allow_empty=True,
+                allow_empty=allow_empty,
                 retry=False,
             )
+        except NoChanges:
+            if allow_empty:
+                raise  # lakeFS refused even an empty merge: not a state to guess about
+            if published(lakefs, execution) is None and unknown_outcome:
+                raise MergeOutcomeUnknown(
+                    "lakeFS answers 'no changes' after a merge request whose outcome is "
+                    "unknown, and the target's history shows no merge of this execution yet"
+                ) from None
+            allow_empty = True  # the loop re-checks the history and the fence first
+            continue
         except Exception as exc:
             if not is_transient(exc) or time.monotonic() + delay > deadline:
                 raise
+            unknown_outcome = True
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(5.0, delay * 2)
             continue
         figures.fence_to_merge_ms = (time.monotonic() - fenced_at) * 1000
         return ref, True
+
+
+class MergeOutcomeUnknown(Exception):
+    """A merge whose landing cannot be told yet; retrying the attempt later settles it."""
 
 
 def result_of(lakefs: LakeFS, repository: str, staged_commit: str) -> dict[str, Any]:
