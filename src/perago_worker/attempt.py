@@ -253,7 +253,7 @@ class Attempt:
             figures["execution"] = execution.key[:16]
             # A retry after a crash between merge and report, or a re-delivery, finds the
             # execution's merge (or its claimed, unmerged commit): finish it, don't rerun.
-            record = execution.published or published(deps.lakefs, execution)
+            record = published(deps.lakefs, execution)
             claimed = (
                 None if record is not None else publish.existing_intent(deps.lakefs, execution)
             )

@@ -207,6 +207,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         ("attempt folder", report.attempt_dirs),
         ("staging branch", report.staging_branches),
         ("intent branch", report.intent_branches),
+        ("ledger entry", report.ledger_entries),
     ):
         for item in items:
             print(f"{verb} {label} {item}")
@@ -218,7 +219,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     print(
         f"{verb}: {len(report.attempt_dirs)} attempt folder(s), "
         f"{len(report.staging_branches)} staging branch(es), "
-        f"{len(report.intent_branches)} intent branch(es); "
+        f"{len(report.intent_branches)} intent branch(es), "
+        f"{len(report.ledger_entries)} ledger entr(y/ies); "
         f"kept {len(report.kept_live)} live, {len(report.unverifiable)} unverifiable"
     )
     return 0

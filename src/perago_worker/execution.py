@@ -1,27 +1,37 @@
-"""Which logical execution an attempt belongs to: read from Conductor and the target's history.
+"""Which logical execution an attempt belongs to: Conductor's retry chain and the ledger.
 
 The rules are pure (`fences`); this module gathers what they need. A task that is a retry
 names the task it retries (`retriedTaskId`): the chain is read back one `GET /api/tasks/{id}`
-per hop (none for a first attempt, which is almost every attempt). A root that kept its task
-id through a retry (a parent retry reviving a cancelled sibling) continues the newest earlier
-execution the target's history records for that task id.
+per hop (none for a first attempt, which is almost every attempt).
 
-The history is also the publish fence's second memory: `published` walks the target's
-first-parent log back to the input commit or to the execution's start, whichever comes
-first, and finds the merge that carries the execution key, if there is one.
+Conductor keeps no trace of a rerun (a rerun resets the task in place and even keeps its
+`retriedTaskId`), so the worker keeps its own: the **execution ledger**, a hidden branch
+`perago-ledger` in each target repository whose staging area holds one small JSON object per
+(workflow, slot, task id): the newest incarnation an attempt resolved and its execution.
+Every attempt reads the entries of its chain and writes its own entry *before* anything can
+merge, so a later delivery, retry or rerun of the same task id is judged against what this
+one saw. Objects are written without commits (a branch's staging area is read back at once).
+
+The target's history is the publish fence's second memory: `published` walks the target's
+first-parent log back to the execution's start (its root's scheduled time, less the allowed
+clock skew) and finds the merge that carries the execution key, if there is one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from perago_worker import fences
 from perago_worker.conductor import Conductor
-from perago_worker.fences import Incarnation, LineageError, PublishRecord, Target
-from perago_worker.lakefs import LakeFS
+from perago_worker.fences import Incarnation, LedgerEntry, LineageError, PublishRecord, Target
+from perago_worker.lakefs import Conflict, LakeFS, NotFound
 
 MAX_CHAIN = 1000
+LEDGER_BRANCH = "perago-ledger"
+LEDGER_PREFIX = "_perago/executions/"
 
 
 @dataclass(frozen=True)
@@ -34,19 +44,20 @@ class Execution:
     target: Target
     input_ref: str
     not_before: float  # unix seconds: commits older than this cannot hold its merge
-    published: PublishRecord | None = None  # found while resolving (a same-id retry)
 
     @property
     def intent_branch(self) -> str:
         return fences.intent_branch(self.key)
 
 
-def records(
-    lakefs: LakeFS, target: Target, *, input_ref: str, not_before: float
-) -> Iterator[PublishRecord]:
-    """perago merge records on the target, newest first, back to where the walk may end."""
+def records(lakefs: LakeFS, target: Target, *, not_before: float) -> Iterator[PublishRecord]:
+    """perago merge records on the target, newest first, back to where the walk may end.
+
+    The walk does not stop at the attempt's input commit: a retry's input is recomputed and
+    may name the execution's own merge, or a later commit.
+    """
     for commit in lakefs.walk_log(target.repository, target.branch):
-        if fences.history_ends(commit, input_ref=input_ref, not_before=not_before):
+        if fences.history_ends(commit, not_before=not_before):
             return
         record = PublishRecord.parse(commit.id, commit.metadata)
         if record is not None:
@@ -56,13 +67,7 @@ def records(
 def published(lakefs: LakeFS, execution: Execution) -> PublishRecord | None:
     """The merge that published `execution` on its target, if the history holds one."""
     return fences.find_publish(
-        records(
-            lakefs,
-            execution.target,
-            input_ref=execution.input_ref,
-            not_before=execution.not_before,
-        ),
-        execution.key,
+        records(lakefs, execution.target, not_before=execution.not_before), execution.key
     )
 
 
@@ -82,6 +87,41 @@ def chain(conductor: Conductor, first: Incarnation) -> list[Incarnation]:
     return links
 
 
+def ledger_key(workflow_id: str, slot: str, task_id: str) -> str:
+    """`_perago/executions/<workflow id>/<slot>-<task id>.json`: gc reads the workflow off it."""
+
+    def q(text: str) -> str:
+        return urllib.parse.quote(text, safe="-_.")
+
+    return f"{LEDGER_PREFIX}{q(workflow_id)}/{slot[:32]}-{q(task_id)}.json"
+
+
+class Ledger:
+    """The execution ledger of one repository (see the module docstring)."""
+
+    def __init__(self, lakefs: LakeFS, repository: str, *, source_branch: str) -> None:
+        self.lakefs = lakefs
+        self.repository = repository
+        self.source_branch = source_branch  # where the ledger branch is made, the first time
+
+    def read(self, workflow_id: str, slot: str, task_id: str) -> LedgerEntry | None:
+        data = self.lakefs.get_record(
+            self.repository, LEDGER_BRANCH, ledger_key(workflow_id, slot, task_id)
+        )
+        return None if data is None else LedgerEntry.from_json(data)
+
+    def write(self, workflow_id: str, slot: str, entry: LedgerEntry) -> None:
+        key = ledger_key(workflow_id, slot, entry.incarnation.task_id)
+        try:
+            self.lakefs.put_record(self.repository, LEDGER_BRANCH, key, entry.to_json())
+        except NotFound:
+            with contextlib.suppress(Conflict):  # another attempt made it meanwhile
+                self.lakefs.create_branch(
+                    self.repository, LEDGER_BRANCH, self.source_branch, hidden=True
+                )
+            self.lakefs.put_record(self.repository, LEDGER_BRANCH, key, entry.to_json())
+
+
 def resolve(
     conductor: Conductor,
     lakefs: LakeFS,
@@ -93,32 +133,24 @@ def resolve(
     incarnation: Incarnation,
     input_ref: str,
     clock_skew_seconds: float,
-    workflow_created_ms: int | None = None,
 ) -> Execution:
-    root = fences.root_of(chain(conductor, incarnation))
+    """The attempt's execution; its ledger entry is written before this returns."""
+    links = chain(conductor, incarnation)
+    fences.root_of(links)  # refuse a chain that loops or breaks before deciding anything
     slot = fences.slot_key(workflow_id, reference_name, task_type, target)
-    key = fences.execution_key(slot, root)
-    not_before = max(0.0, root.scheduled_time / 1000 - clock_skew_seconds)
-    found: PublishRecord | None = None
-    if root.retry_count > 0 and not root.retried_task_id:
-        # A same-id retry: its earlier incarnations' scheduled times were overwritten, so
-        # the history since the workflow began is searched for the execution it continues.
-        created = (
-            workflow_created_ms
-            if workflow_created_ms is not None
-            else _workflow_created_ms(conductor, workflow_id)
-        )
-        since = max(0.0, created / 1000 - clock_skew_seconds)
-        found = fences.same_id_predecessor(
-            records(lakefs, target, input_ref=input_ref, not_before=since), slot, root
-        )
-        if found is not None:
-            key = found.execution
-            not_before = since
-    return Execution(key, slot, root, target, input_ref, not_before, found)
-
-
-def _workflow_created_ms(conductor: Conductor, workflow_id: str) -> int:
-    run = conductor.call(conductor.workflows.get_execution_status, workflow_id, include_tasks=False)
-    # Unknown: 0, so the walk goes back to the input commit rather than trusting a guess.
-    return int(getattr(run, "create_time", 0) or 0)
+    ledger = Ledger(lakefs, target.repository, source_branch=target.branch)
+    own = ledger.read(workflow_id, slot, incarnation.task_id)
+    decided = fences.link_execution(slot, incarnation, own)
+    for link in links[1:]:
+        if decided is not None:
+            break
+        decided = fences.link_execution(slot, link, ledger.read(workflow_id, slot, link.task_id))
+    if decided is None:  # unreachable: the chain's last link retries nothing
+        raise LineageError(f"no root found for task {incarnation.task_id}")
+    key, root = decided
+    entry = LedgerEntry(incarnation, key, root)
+    if own != entry:
+        ledger.write(workflow_id, slot, entry)
+    started_ms = root.scheduled_time or root.start_time
+    not_before = max(0.0, started_ms / 1000 - clock_skew_seconds) if started_ms else 0.0
+    return Execution(key, slot, root, target, input_ref, not_before)

@@ -11,10 +11,14 @@ docs/fences.md has the table of cases.
   keeps retryCount; a rerun's sibling reset sets a new startTime; a retry either makes a new
   task id with `retriedTaskId` (and retryCount + 1) or, for the cancelled siblings a parent
   retry revives, keeps the task id and bumps retryCount.
-* An **execution** is a chain of incarnations linked by retries. Its root is found by
-  following `retriedTaskId` to a task that has none (`root_of`). A root that kept its task id
-  through a retry (retryCount > 0, no `retriedTaskId`) continues the newest earlier
-  execution published for that task id with a lower retryCount (`same_id_predecessor`).
+* An **execution** is a chain of incarnations linked by retries (`root_of` checks the chain
+  `retriedTaskId` draws). Conductor does not record a rerun anywhere (a rerun task even keeps
+  its `retriedTaskId`), so the worker keeps its own memory: the *execution ledger*, one entry
+  per task id holding the newest incarnation an attempt resolved and its execution. Walking
+  the chain from the attempt, the first link the ledger knows decides (`link_execution`):
+  the same scheduling continues its execution, a bumped retryCount continues it too (a retry
+  that kept the task id), any other reset starts a new one (a rerun); a link the ledger does
+  not know defers to the task it retries, and the chain's last link is a new root.
 * The **execution key** hashes the *slot* (workflow id, reference name, task type,
   repository, branch, prefix) and the root incarnation. So every retry and re-delivery
   shares it whatever its input says; a restart, a rerun or a rerun's sibling reset is a new
@@ -204,24 +208,84 @@ class PublishRecord:
         )
 
 
-def same_id_predecessor(
-    records: Iterable[PublishRecord], slot: str, root: Incarnation
-) -> PublishRecord | None:
-    """Pure: the earlier execution a same-task-id retry continues, newest first.
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the ledger remembers of one task id: the newest incarnation an attempt resolved
+    for it, and the execution (key and root) that incarnation belongs to."""
 
-    Only a root that kept its task id through a retry (retryCount > 0 and no
-    `retriedTaskId`: a parent retry reviving a cancelled sibling) continues anything; the
-    records must be given newest first (the target's first-parent log order).
+    incarnation: Incarnation
+    execution: str
+    root: Incarnation
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "incarnation": _incarnation_json(self.incarnation),
+                "execution": self.execution,
+                "root": _incarnation_json(self.root),
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> LedgerEntry:
+        raw = json.loads(data)
+        return cls(
+            _incarnation_of(raw["incarnation"]), str(raw["execution"]), _incarnation_of(raw["root"])
+        )
+
+
+def _incarnation_json(inc: Incarnation) -> dict[str, Any]:
+    return {
+        "task_id": inc.task_id,
+        "retry_count": inc.retry_count,
+        "scheduled_time": inc.scheduled_time,
+        "start_time": inc.start_time,
+        "retried_task_id": inc.retried_task_id,
+    }
+
+
+def _incarnation_of(raw: dict[str, Any]) -> Incarnation:
+    return Incarnation(
+        task_id=str(raw["task_id"]),
+        retry_count=int(raw["retry_count"]),
+        scheduled_time=int(raw["scheduled_time"]),
+        start_time=int(raw["start_time"]),
+        retried_task_id=str(raw.get("retried_task_id", "")),
+    )
+
+
+def same_scheduling(a: Incarnation, b: Incarnation) -> bool:
+    """Pure: are `a` and `b` the same scheduling of the same task id?"""
+    return (a.task_id, a.retry_count, a.scheduled_time, a.start_time) == (
+        b.task_id, b.retry_count, b.scheduled_time, b.start_time,
+    )  # fmt: skip
+
+
+def link_execution(
+    slot: str, link: Incarnation, entry: LedgerEntry | None
+) -> tuple[str, Incarnation] | None:
+    """Pure: the execution decided at one link of a retry chain, or None to look further back.
+
+    * The ledger holds this very scheduling: it is the execution an attempt of it already
+      resolved (a re-delivery, or the retried task's own execution).
+    * The ledger holds an earlier scheduling of this task id with a lower retryCount: the task
+      was revived by a retry that kept its id (a parent retry of a cancelled sibling), so it
+      continues that execution.
+    * The ledger holds another scheduling with the same retryCount: Conductor reset the task
+      without a retry, which only a rerun does; a new execution starts here, whatever the
+      task's `retriedTaskId` still says.
+    * No entry: no attempt of this task id resolved anything; a task that retries nothing is
+      the root of a new execution, one that retries another task defers to it.
     """
-    if root.retry_count == 0 or root.retried_task_id:
-        return None
-    for record in records:
-        if (
-            record.slot == slot
-            and record.root_task_id == root.task_id
-            and record.root_retry_count < root.retry_count
-        ):
-            return record
+    if entry is not None:
+        if same_scheduling(entry.incarnation, link):
+            return entry.execution, entry.root
+        if link.retry_count > entry.incarnation.retry_count:
+            return entry.execution, entry.root
+        return execution_key(slot, link), link
+    if not link.retried_task_id:
+        return execution_key(slot, link), link
     return None
 
 
@@ -240,14 +304,15 @@ class _Dated(Protocol):
     def creation_date(self) -> int: ...
 
 
-def history_ends(commit: _Dated, *, input_ref: str, not_before: float) -> bool:
+def history_ends(commit: _Dated, *, not_before: float) -> bool:
     """Pure: may a newest-first first-parent walk stop at `commit`?
 
-    An execution's merge lands after its input commit and after its root was scheduled, so
-    the walk ends at the input commit (if it is on the first-parent chain) or at the first
+    An execution's merge lands after its root was scheduled, so the walk ends at the first
     commit older than `not_before` (the root's scheduled time less the allowed clock skew).
+    It does not end at the attempt's input commit: a retry's input is recomputed and may
+    name the execution's own merge, or a later commit.
     """
-    return commit.id == input_ref or commit.creation_date < not_before
+    return commit.creation_date < not_before
 
 
 # -- branch names --------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -37,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from perago_worker import fences
 from perago_worker.conductor import TERMINAL_TASK_STATES, Conductor, ConductorError
-from perago_worker.lakefs import LakeFS
+from perago_worker.execution import LEDGER_BRANCH, LEDGER_PREFIX
+from perago_worker.lakefs import LakeFS, NotFound
 from perago_worker.preflight import read_server_config
 from perago_worker.workspace import leftovers, remove_leftover
 
@@ -58,6 +60,7 @@ class GcReport:
     staging_branches: list[str] = field(default_factory=list)
     intent_branches: list[str] = field(default_factory=list)
     kept_live: list[str] = field(default_factory=list)
+    ledger_entries: list[str] = field(default_factory=list)  # "repo:key" of the execution ledger
     # Kept because Conductor could not say whether they are still needed ("repo:branch"),
     # and why (same keys).
     unverifiable: list[str] = field(default_factory=list)
@@ -204,7 +207,33 @@ def collect(
             report.intent_branches.append(item)
             if not dry_run:
                 lakefs.delete_branch(repository, name)
+        for workflow_id, keys, newest in _ledger_by_workflow(lakefs, repository):
+            item = f"{repository}:{LEDGER_BRANCH}/{LEDGER_PREFIX}{workflow_id}/"
+            answer = oracle.workflow(workflow_id)
+            if now - newest < intent_older_than and answer.state is _State.TERMINAL:
+                continue  # the ledger is the identity's memory: kept as long as the intents
+            if not _settle(report, item, answer):
+                continue
+            report.ledger_entries.extend(f"{repository}:{key}" for key in keys)
+            if not dry_run:
+                lakefs.delete_objects(repository, LEDGER_BRANCH, keys)
     return report
+
+
+def _ledger_by_workflow(lakefs: LakeFS, repository: str) -> Iterator[tuple[str, list[str], float]]:
+    """(workflow id, its ledger keys, newest entry's mtime) of a repository's ledger."""
+    groups: dict[str, tuple[list[str], float]] = {}
+    try:
+        for page in lakefs.list_objects(repository, LEDGER_BRANCH, LEDGER_PREFIX):
+            for obj in page:
+                quoted = obj.key[len(LEDGER_PREFIX) :].split("/", 1)[0]
+                keys, newest = groups.get(quoted, ([], 0.0))
+                keys.append(obj.key)
+                groups[quoted] = (keys, max(newest, float(obj.mtime)))
+    except NotFound:
+        return  # no ledger branch yet
+    for quoted, (keys, newest) in groups.items():
+        yield urllib.parse.unquote(quoted), keys, newest
 
 
 def _settle(report: GcReport, item: str, answer: _Answer) -> bool:

@@ -440,6 +440,47 @@ class LakeFS:
 
         return self._with_retries(once)
 
+    # -- small records (the execution ledger) -------------------------------------------------
+
+    def put_record(self, repository: str, branch: str, key: str, data: bytes) -> None:
+        """Write a small object to `branch`'s staging area (no commit: it is visible at once).
+
+        A raw octet-stream body on the data plane: the SDK's `upload_object` takes a *file
+        name* for its content.
+        """
+        route = (
+            f"/api/v1/repositories/{self._q(repository)}/branches/{self._q(branch)}/objects?"
+            + urllib.parse.urlencode({"path": key})
+        )
+
+        def once() -> None:
+            resp = self._data.request(
+                "POST",
+                route,
+                body=data,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(len(data)),
+                },
+            )
+            answer = resp.read()
+            if resp.status not in (200, 201):
+                raise translate(resp.status, answer)
+
+        self._with_retries(once)
+
+    def get_record(self, repository: str, ref: str, key: str) -> bytes | None:
+        """A small object's bytes, or None when there is none."""
+        try:
+            return bytes(self.call(self.objects.get_object, repository, ref, key))
+        except NotFound:
+            return None
+
+    def list_keys(self, repository: str, ref: str, prefix: str) -> Iterator[str]:
+        """Object keys under `prefix` (uncommitted ones included when `ref` is a branch)."""
+        for page in self.list_objects(repository, ref, prefix):
+            yield from (o.key for o in page)
+
     def delete_objects(self, repository: str, branch: str, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
             batch = keys[start : start + 1000]

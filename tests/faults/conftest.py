@@ -22,7 +22,8 @@ from perago_worker.devstack.demo import register_app, wait_for_workflow
 from perago_worker.devstack.servers import Endpoints
 from perago_worker.devstack.worker_process import WorkerProcess, start_worker
 from perago_worker.gc import collect
-from perago_worker.lakefs import LakeFS
+from perago_worker.execution import LEDGER_BRANCH, LEDGER_PREFIX
+from perago_worker.lakefs import LakeFS, NotFound
 
 HERE = Path(__file__).parent
 S = suffix()
@@ -221,6 +222,9 @@ class Harness:
         ] == []
         assert list(self.lakefs.list_branches(self.repo, fences.STAGING_PREFIX)) == []
         assert list(self.lakefs.list_branches(self.repo, fences.INTENT_PREFIX)) == []
+        # The execution ledger of terminal workflows goes too (no ledger branch: never written).
+        with contextlib.suppress(NotFound):
+            assert list(self.lakefs.list_keys(self.repo, LEDGER_BRANCH, LEDGER_PREFIX)) == []
 
 
 _DRIFTING: set[str] = set()

@@ -189,6 +189,28 @@ def test_rerun_of_a_completed_workflow_merges_anew_and_returns_the_new_ref(
     assert len(keys_at(harness.lakefs, harness.repo, ref, f"f/marks/{tag}/")) == 2
 
 
+def test_rerun_from_a_task_that_is_itself_a_retry_is_a_new_execution(harness: Harness) -> None:
+    """A rerun keeps the task's `retriedTaskId`: only the ledger tells it from a retry."""
+    doomed = harness.worker("doomed", faults="merge.done")
+    case = harness.start("ws", marker=True)
+    assert doomed.proc.wait(60) == -9, doomed.tail()
+    harness.worker("survivor")
+    run = completed(harness, case.workflow_id, timeout=120)
+    retry = run.tasks[-1]
+    assert retry.status == "COMPLETED" and retry.retried_task_id  # the completing task is a retry of the killed one
+    [first] = harness.commits_since(case.branch, case.input_ref)  # adopted, not merged again
+    harness.rerun(case.workflow_id, retry.task_id)  # same input, from the retry itself
+    rerun = completed(harness, case.workflow_id, timeout=120)
+    ref = rerun.tasks[-1].output_data["workspace"]["ref"]
+    commits = harness.commits_since(case.branch, case.input_ref)
+    assert [c.id for c in commits] == [ref, first.id]  # exactly one new merge, the rerun's
+    new = commits[0]
+    assert new.metadata[fences.META_EXECUTION] != first.metadata[fences.META_EXECUTION]
+    assert new.metadata[fences.META_ROOT_TASK] == retry.task_id  # a new root: the rerun task
+    tag = case.params["tag"]
+    assert len(keys_at(harness.lakefs, harness.repo, ref, f"f/marks/{tag}/")) == 2
+
+
 # 5 -----------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from perago_worker.fences import (
     STAGING_PREFIX,
     TOKEN_SEPARATOR,
     Incarnation,
+    LedgerEntry,
     LineageError,
     PublishRecord,
     Target,
@@ -30,9 +31,10 @@ from perago_worker.fences import (
     find_publish,
     history_ends,
     intent_branch,
+    link_execution,
     parse_staging_branch,
     root_of,
-    same_id_predecessor,
+    same_scheduling,
     slot_key,
     staging_branch,
 )
@@ -181,27 +183,52 @@ def _record(commit: str, execution: str, *, task: str = "t-1", retry: int = 0) -
     return PublishRecord(commit, execution, SLOT, task, retry, "staged-" + commit)
 
 
-def test_a_same_id_retry_continues_the_newest_earlier_execution() -> None:
-    revived = replace(ROOT, retry_count=1, scheduled_time=5_000, start_time=0)
-    records = [_record("m2", "exec-2"), _record("m1", "exec-1")]
-    assert same_id_predecessor(records, SLOT, revived) == records[0]
+# --- the ledger's decisions ----------------------------------------------------------------
+
+ENTRY = LedgerEntry(ROOT, "exec-1", ROOT)
 
 
-def test_a_same_id_retry_ignores_other_tasks_slots_and_later_retries() -> None:
-    revived = replace(ROOT, retry_count=1)
-    records = [
-        _record("m3", "x", task="t-other"),
-        PublishRecord("m4", "y", "other-slot", "t-1", 0, "s"),
-        _record("m5", "z", retry=1),
-    ]
-    assert same_id_predecessor(records, SLOT, revived) is None
+def test_a_redelivery_of_a_known_scheduling_continues_its_execution() -> None:
+    assert link_execution(SLOT, replace(ROOT), ENTRY) == ("exec-1", ROOT)
 
 
-def test_only_a_same_id_retry_looks_for_a_predecessor() -> None:
-    records = [_record("m1", "exec-1")]
-    assert same_id_predecessor(records, SLOT, ROOT) is None
-    retry_with_new_id = Incarnation("t-1", 1, 0, 0, retried_task_id="t-0")
-    assert same_id_predecessor(records, SLOT, retry_with_new_id) is None
+def test_a_task_revived_with_a_bumped_retry_count_continues_its_execution() -> None:
+    revived = replace(ROOT, retry_count=1, scheduled_time=5_000, start_time=5_100)
+    assert link_execution(SLOT, revived, ENTRY) == ("exec-1", ROOT)
+
+
+@pytest.mark.parametrize(
+    "reset",
+    [
+        replace(ROOT, scheduled_time=9_000, start_time=9_100),
+        replace(ROOT, start_time=9_100),
+        replace(ROOT, scheduled_time=9_000, start_time=9_100, retried_task_id="t-0"),
+    ],
+    ids=["rerun-from-task", "rerun-sibling-reset", "rerun-of-a-retry-keeps-retriedTaskId"],
+)
+def test_a_reset_without_a_retry_starts_a_new_execution_at_that_link(reset: Incarnation) -> None:
+    key, root = link_execution(SLOT, reset, ENTRY) or ("", ROOT)
+    assert root == reset
+    assert key == execution_key(SLOT, reset) != "exec-1"
+
+
+def test_an_unknown_link_that_retries_another_defers_to_it() -> None:
+    retry = Incarnation("t-2", 1, 0, 2_100, retried_task_id="t-1")
+    assert link_execution(SLOT, retry, None) is None
+
+
+def test_an_unknown_link_that_retries_nothing_is_a_new_root() -> None:
+    assert link_execution(SLOT, ROOT, None) == (execution_key(SLOT, ROOT), ROOT)
+
+
+def test_same_scheduling_ignores_the_retried_task_link_only() -> None:
+    assert same_scheduling(ROOT, replace(ROOT, retried_task_id="x"))
+    assert not same_scheduling(ROOT, replace(ROOT, start_time=1))
+
+
+def test_a_ledger_entry_round_trips_through_json() -> None:
+    entry = LedgerEntry(replace(ROOT, retried_task_id="t-0"), "exec-1", ROOT)
+    assert LedgerEntry.from_json(entry.to_json()) == entry
 
 
 # --- publish records and the history walk ------------------------------------------------
@@ -244,13 +271,14 @@ class Dated:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def test_the_history_walk_ends_at_the_input_commit() -> None:
-    assert history_ends(Dated("input", 10_000), input_ref="input", not_before=0)
+def test_the_history_walk_does_not_end_at_the_input_commit() -> None:
+    """A retry's recomputed input may be the execution's own merge: the walk must look past it."""
+    assert not history_ends(Dated("input", 10_000), not_before=100)
 
 
 def test_the_history_walk_ends_before_the_execution_began() -> None:
-    assert history_ends(Dated("c", 99), input_ref="input", not_before=100)
-    assert not history_ends(Dated("c", 100), input_ref="input", not_before=100)
+    assert history_ends(Dated("c", 99), not_before=100)
+    assert not history_ends(Dated("c", 100), not_before=100)
 
 
 # --- branch names ------------------------------------------------------------------------
