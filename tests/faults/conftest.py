@@ -21,8 +21,8 @@ from perago_worker.conductor import Conductor
 from perago_worker.devstack.demo import register_app, wait_for_workflow
 from perago_worker.devstack.servers import Endpoints
 from perago_worker.devstack.worker_process import WorkerProcess, start_worker
-from perago_worker.gc import collect
 from perago_worker.execution import LEDGER_BRANCH, LEDGER_PREFIX
+from perago_worker.gc import collect
 from perago_worker.lakefs import LakeFS, NotFound
 
 HERE = Path(__file__).parent

@@ -197,7 +197,8 @@ def test_rerun_from_a_task_that_is_itself_a_retry_is_a_new_execution(harness: Ha
     harness.worker("survivor")
     run = completed(harness, case.workflow_id, timeout=120)
     retry = run.tasks[-1]
-    assert retry.status == "COMPLETED" and retry.retried_task_id  # the completing task is a retry of the killed one
+    # The completing task is a retry of the killed one.
+    assert retry.status == "COMPLETED" and retry.retried_task_id
     [first] = harness.commits_since(case.branch, case.input_ref)  # adopted, not merged again
     harness.rerun(case.workflow_id, retry.task_id)  # same input, from the retry itself
     rerun = completed(harness, case.workflow_id, timeout=120)

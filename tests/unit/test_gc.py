@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from perago_worker import cli, fences
+from perago_worker import cli, execution, fences
 from perago_worker.conductor import ConductorError
 from perago_worker.gc import GcReport, collect
-from perago_worker.lakefs import CommitInfo
+from perago_worker.lakefs import CommitInfo, NotFound
 
 REPO = "audio-lake"
 OLD = time.time() - 30 * 86400
@@ -62,6 +62,29 @@ class FakeLakeFS:
     def delete_branch(self, repository: str, name: str) -> bool:
         self.deleted.append(name)
         return self.branches.pop(name, None) is not None
+
+    # The execution ledger: objects on the ledger branch (absent until one is written).
+    ledger: dict[str, float] = field(default_factory=dict)  # key -> mtime
+
+    def add_ledger(self, workflow_id: str, task_id: str, mtime: float = OLD) -> str:
+        key = execution.ledger_key(workflow_id, "s" * 64, task_id)
+        self.ledger[key] = mtime
+        return key
+
+    def list_objects(self, repository: str, ref: str, prefix: str) -> Iterator[list[Any]]:
+        assert ref == execution.LEDGER_BRANCH
+        if not self.ledger:
+            raise NotFound(404, "branch not found")
+        yield [
+            SimpleNamespace(key=k, mtime=m)
+            for k, m in sorted(self.ledger.items())
+            if k.startswith(prefix)
+        ]
+
+    def delete_objects(self, repository: str, branch: str, keys: list[str]) -> None:
+        for key in keys:
+            self.deleted.append(key)
+            self.ledger.pop(key, None)
 
 
 def _answer(value: Answer, kind: str) -> Any:
@@ -480,3 +503,43 @@ def test_cli_gc_prints_unverifiable_branches_with_their_reason(
     assert f"kept (live) {REPO}:perago-stage-b" in out
     assert f"kept (unverifiable) {REPO}:{intent_name()}: ConductorError: Conductor 503: down" in out
     assert out[-1].endswith("; kept 1 live, 1 unverifiable")
+
+
+# --- the execution ledger ------------------------------------------------------------------
+
+
+def _ledger_gc(answer: Answer, *, mtime: float = OLD) -> tuple[FakeLakeFS, Any]:
+    lakefs = FakeLakeFS()
+    lakefs.add_ledger("wf-1", "t-1", mtime)
+    conductor = FakeConductor(workflows_by_id={"wf-1": answer})
+    report = collect(
+        Path("/nonexistent-scratch"),
+        lakefs,  # type: ignore[arg-type]
+        conductor,  # type: ignore[arg-type]
+        [REPO],
+        older_than=0,
+        intent_older_than=3600,
+    )
+    return lakefs, report
+
+
+def test_ledger_entries_of_a_workflow_conductor_no_longer_knows_are_removed() -> None:
+    lakefs, report = _ledger_gc(ConductorError(404, "not found"))
+    assert lakefs.ledger == {}
+    assert len(report.ledger_entries) == 1
+
+
+def test_ledger_entries_of_a_terminal_workflow_are_kept_until_they_are_old() -> None:
+    lakefs, _ = _ledger_gc("COMPLETED", mtime=time.time())
+    assert len(lakefs.ledger) == 1
+    lakefs, _ = _ledger_gc("COMPLETED")
+    assert lakefs.ledger == {}
+
+
+@pytest.mark.parametrize(
+    "answer", ["RUNNING", ConductorError(503, "unavailable"), ConductorError(403, "forbidden")]
+)
+def test_ledger_entries_of_a_live_or_unverifiable_workflow_are_kept(answer: Answer) -> None:
+    lakefs, report = _ledger_gc(answer)
+    assert len(lakefs.ledger) == 1
+    assert report.ledger_entries == []
