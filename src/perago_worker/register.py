@@ -7,6 +7,7 @@ per handler, carrying JSON schemas of the input (`workspace` + `params`) and out
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +73,12 @@ def task_def_for(spec: TaskSpec, *, owner_email: str = DEFAULT_OWNER, retries: i
         retry_logic="EXPONENTIAL_BACKOFF",
         retry_delay_seconds=1,
         response_timeout_seconds=spec.response_timeout_seconds,
-        timeout_seconds=max(3600, spec.response_timeout_seconds * 4),
+        # Conductor must not time the task out before the attempt's own deadline (plus one
+        # response timeout for the publish after it): a `timeout=` beyond the default wins.
+        timeout_seconds=max(
+            spec.conductor_timeout_seconds,
+            math.ceil(spec.timeout_seconds or 0) + spec.response_timeout_seconds,
+        ),
         timeout_policy="RETRY",
         input_keys=keys,
         output_keys=out_keys,

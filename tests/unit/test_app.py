@@ -422,3 +422,14 @@ def test_seconds_left_counts_down_to_the_deadline_and_stops_at_zero() -> None:
     assert _ctx().seconds_left() is None
     assert 9 < (_ctx(deadline=time.monotonic() + 10).seconds_left() or 0) <= 10
     assert _ctx(deadline=time.monotonic() - 5).seconds_left() == 0.0
+
+
+def test_a_task_timeout_beyond_the_default_extends_the_registered_timeout() -> None:
+    """Conductor must not time a task out before its own deadline and the publish after it."""
+    from perago_worker.register import task_def_for
+
+    worker = Worker()
+    worker.task("slow", response_timeout_seconds=60, timeout=7200.5)(good_handler)
+    worker.task("quick", response_timeout_seconds=60, timeout=10)(good_handler)
+    assert task_def_for(worker.tasks["slow"]).timeout_seconds == 7201 + 60
+    assert task_def_for(worker.tasks["quick"]).timeout_seconds == 3600
