@@ -253,9 +253,13 @@ class Attempt:
             figures["execution"] = execution.key[:16]
             # A retry after a crash between merge and report, or a re-delivery, finds the
             # execution's merge (or its claimed, unmerged commit): finish it, don't rerun.
-            record = published(deps.lakefs, execution)
+            # A fresh execution (no attempt ever resolved it) has nothing to find: skip the
+            # two reads. The merge still checks the history and the claim before it is sent.
+            record = None if execution.fresh else published(deps.lakefs, execution)
             claimed = (
-                None if record is not None else publish.existing_intent(deps.lakefs, execution)
+                None
+                if execution.fresh or record is not None
+                else publish.existing_intent(deps.lakefs, execution)
             )
             figures["adopted"] = record is not None or claimed is not None
         if record is not None:

@@ -44,6 +44,9 @@ class Execution:
     target: Target
     input_ref: str
     not_before: float  # unix seconds: commits older than this cannot hold its merge
+    # No attempt ever resolved this execution before (no ledger entry led to it): nothing
+    # can have been claimed or merged for it, since both come after an attempt's resolve.
+    fresh: bool = False
 
     @property
     def intent_branch(self) -> str:
@@ -141,10 +144,13 @@ def resolve(
     ledger = Ledger(lakefs, target.repository, source_branch=target.branch)
     own = ledger.read(workflow_id, slot, incarnation.task_id)
     decided = fences.link_execution(slot, incarnation, own)
+    fresh = fences.starts_execution(incarnation, own)
     for link in links[1:]:
         if decided is not None:
             break
-        decided = fences.link_execution(slot, link, ledger.read(workflow_id, slot, link.task_id))
+        entry = ledger.read(workflow_id, slot, link.task_id)
+        decided = fences.link_execution(slot, link, entry)
+        fresh = fences.starts_execution(link, entry)
     if decided is None:  # unreachable: the chain's last link retries nothing
         raise LineageError(f"no root found for task {incarnation.task_id}")
     key, root = decided
@@ -153,4 +159,4 @@ def resolve(
         ledger.write(workflow_id, slot, entry)
     started_ms = root.scheduled_time or root.start_time
     not_before = max(0.0, started_ms / 1000 - clock_skew_seconds) if started_ms else 0.0
-    return Execution(key, slot, root, target, input_ref, not_before)
+    return Execution(key, slot, root, target, input_ref, not_before, fresh=fresh)

@@ -289,6 +289,21 @@ def link_execution(
     return None
 
 
+def starts_execution(link: Incarnation, entry: LedgerEntry | None) -> bool:
+    """Pure: does `link_execution` start a new execution at `link` (rather than continue one)?
+
+    True for a link the ledger does not know and for a reset (a rerun) of one it does: no
+    attempt has resolved that execution yet, so nothing can have been claimed or merged for
+    it (both come after an attempt's resolve, which writes the ledger first).
+    """
+    if entry is None:
+        return True
+    continues = same_scheduling(entry.incarnation, link) or (
+        link.retry_count > entry.incarnation.retry_count
+    )
+    return not continues
+
+
 def find_publish(records: Iterable[PublishRecord], execution: str) -> PublishRecord | None:
     """Pure: the merge that published `execution`, if the records hold one."""
     for record in records:

@@ -37,6 +37,7 @@ from perago_worker.fences import (
     same_scheduling,
     slot_key,
     staging_branch,
+    starts_execution,
 )
 
 # lakeFS validates branch ids with Go's regexp, where \w is ASCII-only.
@@ -219,6 +220,13 @@ def test_an_unknown_link_that_retries_another_defers_to_it() -> None:
 
 def test_an_unknown_link_that_retries_nothing_is_a_new_root() -> None:
     assert link_execution(SLOT, ROOT, None) == (execution_key(SLOT, ROOT), ROOT)
+
+
+def test_only_an_unknown_link_or_a_reset_starts_an_execution() -> None:
+    assert starts_execution(ROOT, None)
+    assert starts_execution(replace(ROOT, scheduled_time=9_000, start_time=9_100), ENTRY)
+    assert not starts_execution(replace(ROOT), ENTRY)
+    assert not starts_execution(replace(ROOT, retry_count=1, start_time=5_100), ENTRY)
 
 
 def test_same_scheduling_ignores_the_retried_task_link_only() -> None:
