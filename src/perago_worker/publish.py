@@ -57,7 +57,7 @@ def stage(
 
     Each file is opened beneath the root's descriptor without following a link
     (`paths.open_beneath`) and must still be what `scanned` recorded (a regular file, same
-    device, inode, size and mtime); after its upload it must still have that size and mtime.
+    device, inode, size, mtime and ctime); after its upload it must still have them.
     Anything else means something (a thread or process the handler left behind) changed
     it after the scan: the attempt fails `unpublishable` naming the path, nothing merges.
     """
@@ -94,14 +94,20 @@ def stage(
                 raise changed(rel, "it is no longer a regular file")
             if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
                 raise changed(rel, "another file is in its place")
-            if (now.st_size, now.st_mtime_ns) != (seen.st_size, seen.st_mtime_ns):
+            # ctime too: a write that put the mtime back still moves it (nothing unprivileged
+            # can set a ctime).
+            if (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+                seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns,
+            ):  # fmt: skip
                 raise changed(rel, "it was written to")
             try:
                 lakefs.upload(repository, branch, relative_to_key(rel, prefix), fd, seen.st_size)
             except SourceChanged:
                 raise changed(rel, "it was cut short while it was uploaded") from None
             after = os.fstat(fd)
-            if (after.st_size, after.st_mtime_ns) != (now.st_size, now.st_mtime_ns):
+            if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+                now.st_size, now.st_mtime_ns, now.st_ctime_ns,
+            ):  # fmt: skip
                 raise changed(rel, "it was written to while it was uploaded")
         finally:
             os.close(fd)
