@@ -220,7 +220,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         f"{verb}: {len(report.attempt_dirs)} attempt folder(s), "
         f"{len(report.staging_branches)} staging branch(es), "
         f"{len(report.intent_branches)} intent branch(es), "
-        f"{len(report.ledger_entries)} ledger entr(y/ies); "
+        f"{len(report.ledger_entries)} ledger entries; "
         f"kept {len(report.kept_live)} live, {len(report.unverifiable)} unverifiable"
     )
     return 0
