@@ -40,7 +40,7 @@ from perago_worker.contract import (
     describe_validation_error,
     parse_input,
 )
-from perago_worker.execution import Execution, published, resolve
+from perago_worker.execution import Execution, Superseded, published, resolve
 from perago_worker.fences import Incarnation, LineageError, Target
 from perago_worker.lakefs import Conflict, HookRejected, LakeFS, NotFound
 from perago_worker.materialize import materialize
@@ -66,6 +66,10 @@ class Outcome:
     kind: str = "ok"
     report: bool = True  # False for a zombie: it must not overwrite the live attempt's result
     verified_live: bool = False  # the attempt fence passed just now, with nothing after it
+
+
+class _Stale(Exception):
+    """Raised while resolving: the delivery is superseded before it did anything."""
 
 
 def _zombie(reason: str) -> Outcome:
@@ -113,6 +117,8 @@ class Attempt:
             return self._run()
         except TaskFailure as failure:
             return Outcome(failure.status, reason=failure.reason, kind=failure.kind.value)
+        except _Stale as exc:
+            return _zombie(f"superseded: {exc}")
         except Cancelled as exc:
             return Outcome(Status.FAILED, reason=bound_reason(f"aborted: {exc}"), kind="aborted")
         except Exception as exc:
@@ -428,6 +434,8 @@ class Attempt:
             raise TaskFailure(
                 FailureKind.INFRASTRUCTURE, f"cannot tell which execution this is: {exc}"
             ) from None
+        except Superseded as exc:
+            raise _Stale(str(exc)) from None
 
     def _fence(self) -> bool:
         """Cancellation and the attempt fence (a Conductor read-back), in that order."""

@@ -34,6 +34,10 @@ LEDGER_BRANCH = "perago-ledger"
 LEDGER_PREFIX = "_perago/executions/"
 
 
+class Superseded(Exception):
+    """The delivery belongs to a scheduling of its task id that a later one replaced."""
+
+
 @dataclass(frozen=True)
 class Execution:
     """One logical execution of one task in one workflow run, for one target."""
@@ -143,6 +147,14 @@ def resolve(
     slot = fences.slot_key(workflow_id, reference_name, task_type, target)
     ledger = Ledger(lakefs, target.repository, source_branch=target.branch)
     own = ledger.read(workflow_id, slot, incarnation.task_id)
+    if own is not None and fences.later_scheduling(own.incarnation, incarnation):
+        # An attempt of a later scheduling of this task id resolved already: this delivery
+        # is superseded, and its entry must not overwrite the later one.
+        raise Superseded(
+            f"task {incarnation.task_id} was rescheduled after this delivery (the ledger holds "
+            f"a later scheduling: retry {own.incarnation.retry_count}, scheduled "
+            f"{own.incarnation.scheduled_time}, started {own.incarnation.start_time})"
+        )
     decided = fences.link_execution(slot, incarnation, own)
     fresh = fences.starts_execution(incarnation, own)
     for link in links[1:]:

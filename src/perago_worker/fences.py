@@ -262,6 +262,18 @@ def same_scheduling(a: Incarnation, b: Incarnation) -> bool:
     )  # fmt: skip
 
 
+def later_scheduling(a: Incarnation, b: Incarnation) -> bool:
+    """Pure: is `a` a later scheduling of the same task id than `b`?
+
+    Every reset Conductor makes of one task id moves (retryCount, scheduledTime, startTime)
+    forward: a revival bumps retryCount, a rerun sets a new scheduledTime, a rerun's sibling
+    reset a new startTime.
+    """
+    return a.task_id == b.task_id and (a.retry_count, a.scheduled_time, a.start_time) > (
+        b.retry_count, b.scheduled_time, b.start_time,
+    )  # fmt: skip
+
+
 def link_execution(
     slot: str, link: Incarnation, entry: LedgerEntry | None
 ) -> tuple[str, Incarnation] | None:

@@ -31,6 +31,7 @@ from perago_worker.fences import (
     find_publish,
     history_ends,
     intent_branch,
+    later_scheduling,
     link_execution,
     parse_staging_branch,
     root_of,
@@ -227,6 +228,25 @@ def test_only_an_unknown_link_or_a_reset_starts_an_execution() -> None:
     assert starts_execution(replace(ROOT, scheduled_time=9_000, start_time=9_100), ENTRY)
     assert not starts_execution(replace(ROOT), ENTRY)
     assert not starts_execution(replace(ROOT, retry_count=1, start_time=5_100), ENTRY)
+
+
+@pytest.mark.parametrize(
+    "later",
+    [
+        replace(ROOT, retry_count=1, scheduled_time=0),
+        replace(ROOT, scheduled_time=9_000, start_time=0),
+        replace(ROOT, start_time=9_100),
+    ],
+    ids=["revival", "rerun", "rerun-sibling-reset"],
+)
+def test_every_reset_conductor_makes_is_a_later_scheduling(later: Incarnation) -> None:
+    assert later_scheduling(later, ROOT)
+    assert not later_scheduling(ROOT, later)
+
+
+def test_schedulings_of_other_tasks_are_never_later() -> None:
+    assert not later_scheduling(Incarnation("t-9", 5, 9_999, 9_999), ROOT)
+    assert not later_scheduling(replace(ROOT), ROOT)
 
 
 def test_same_scheduling_ignores_the_retried_task_link_only() -> None:
