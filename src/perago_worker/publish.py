@@ -262,7 +262,10 @@ def merge_once(
         try:
             ref = lakefs.merge(
                 target.repository,
-                staged_commit,
+                # The intent branch, not the commit id: a zombie whose intent was freed and
+                # re-claimed at another commit merges what the claim holds now (already
+                # merged: "no changes"), never a second commit of the same execution.
+                execution.intent_branch,
                 target.branch,
                 message,
                 meta,
