@@ -7,7 +7,8 @@ per hop (none for a first attempt, which is almost every attempt).
 Conductor keeps no trace of a rerun (a rerun resets the task in place and even keeps its
 `retriedTaskId`), so the worker keeps its own: the **execution ledger**, a hidden branch
 `perago-ledger` in each target repository whose staging area holds one small JSON object per
-(workflow, slot, task id): the newest incarnation an attempt resolved and its execution.
+(workflow, slot, task id, scheduling), created once and never replaced: the execution an
+attempt of that scheduling resolved.
 Every attempt reads the entries of its chain and writes its own entry *before* anything can
 merge, so a later delivery, retry or rerun of the same task id is judged against what this
 one saw. Objects are written without commits (a branch's staging area is read back at once).
@@ -27,11 +28,12 @@ from dataclasses import dataclass
 from perago_worker import fences
 from perago_worker.conductor import Conductor
 from perago_worker.fences import Incarnation, LedgerEntry, LineageError, PublishRecord, Target
-from perago_worker.lakefs import Conflict, LakeFS, NotFound
+from perago_worker.lakefs import Conflict, LakeFS, NotFound, PreconditionFailed
 
 MAX_CHAIN = 1000
 LEDGER_BRANCH = "perago-ledger"
 LEDGER_PREFIX = "_perago/executions/"
+LEDGER_TRIES = 5
 
 
 class Superseded(Exception):
@@ -94,39 +96,88 @@ def chain(conductor: Conductor, first: Incarnation) -> list[Incarnation]:
     return links
 
 
-def ledger_key(workflow_id: str, slot: str, task_id: str) -> str:
-    """`_perago/executions/<workflow id>/<slot>-<task id>.json`: gc reads the workflow off it."""
+def ledger_folder(workflow_id: str, slot: str, task_id: str) -> str:
+    """`_perago/executions/<workflow id>/<slot>-<task id>/`: gc reads the workflow off it."""
+    return f"{LEDGER_PREFIX}{_q(workflow_id)}/{slot[:32]}-{_q(task_id)}/"
 
-    def q(text: str) -> str:
-        return urllib.parse.quote(text, safe="-_.")
 
-    return f"{LEDGER_PREFIX}{q(workflow_id)}/{slot[:32]}-{q(task_id)}.json"
+def ledger_key(workflow_id: str, slot: str, incarnation: Incarnation) -> str:
+    """One object per scheduling, named by it: entries are only ever created, never replaced."""
+    inc = incarnation
+    return (
+        ledger_folder(workflow_id, slot, inc.task_id)
+        + f"{inc.retry_count}-{inc.scheduled_time}-{inc.start_time}.json"
+    )
+
+
+def _q(text: str) -> str:
+    return urllib.parse.quote(text, safe="-_.")
+
+
+def _scheduling_of(task_id: str, name: str) -> Incarnation | None:
+    try:
+        rc, sched, start = name.removesuffix(".json").split("-")
+        return Incarnation(task_id, int(rc), int(sched), int(start))
+    except ValueError:
+        return None
 
 
 class Ledger:
-    """The execution ledger of one repository (see the module docstring)."""
+    """The execution ledger of one repository (see the module docstring).
+
+    Each scheduling of a task id gets its own object, created with `If-None-Match: *`: a
+    late writer of an earlier scheduling can never replace a later one's entry, and two
+    deliveries of one scheduling agree on the first one written.
+    """
 
     def __init__(self, lakefs: LakeFS, repository: str, *, source_branch: str) -> None:
         self.lakefs = lakefs
         self.repository = repository
         self.source_branch = source_branch  # where the ledger branch is made, the first time
 
-    def read(self, workflow_id: str, slot: str, task_id: str) -> LedgerEntry | None:
-        data = self.lakefs.get_record(
-            self.repository, LEDGER_BRANCH, ledger_key(workflow_id, slot, task_id)
-        )
-        return None if data is None else LedgerEntry.from_json(data)
-
-    def write(self, workflow_id: str, slot: str, entry: LedgerEntry) -> None:
-        key = ledger_key(workflow_id, slot, entry.incarnation.task_id)
+    def schedulings(self, workflow_id: str, slot: str, task_id: str) -> list[Incarnation]:
+        """The schedulings of `task_id` the ledger holds entries for."""
+        folder = ledger_folder(workflow_id, slot, task_id)
         try:
-            self.lakefs.put_record(self.repository, LEDGER_BRANCH, key, entry.to_json())
+            names = [k[len(folder) :] for k in self.lakefs.list_keys(
+                self.repository, LEDGER_BRANCH, folder
+            )]  # fmt: skip
+        except NotFound:
+            return []  # no ledger branch yet
+        return [inc for name in names if (inc := _scheduling_of(task_id, name)) is not None]
+
+    def entry(self, workflow_id: str, slot: str, link: Incarnation) -> LedgerEntry | None:
+        """The entry that decides `link`: its own scheduling's, else the latest earlier one."""
+        recorded = self.schedulings(workflow_id, slot, link.task_id)
+        exact = [r for r in recorded if fences.same_scheduling(r, link)]
+        earlier = [r for r in recorded if fences.later_scheduling(link, r)]
+        chosen = exact[0] if exact else max(earlier, default=None, key=_order)
+        if chosen is None:
+            return None
+        found = self.lakefs.get_record(
+            self.repository, LEDGER_BRANCH, ledger_key(workflow_id, slot, chosen)
+        )
+        return None if found is None else LedgerEntry.from_json(found[0])
+
+    def create(self, workflow_id: str, slot: str, entry: LedgerEntry) -> None:
+        """Create `entry`'s object; `PreconditionFailed` if its scheduling has one already."""
+        key = ledger_key(workflow_id, slot, entry.incarnation)
+        try:
+            self.lakefs.put_record(
+                self.repository, LEDGER_BRANCH, key, entry.to_json(), if_match=None
+            )
         except NotFound:
             with contextlib.suppress(Conflict):  # another attempt made it meanwhile
                 self.lakefs.create_branch(
                     self.repository, LEDGER_BRANCH, self.source_branch, hidden=True
                 )
-            self.lakefs.put_record(self.repository, LEDGER_BRANCH, key, entry.to_json())
+            self.lakefs.put_record(
+                self.repository, LEDGER_BRANCH, key, entry.to_json(), if_match=None
+            )
+
+
+def _order(inc: Incarnation) -> tuple[int, int, int]:
+    return inc.retry_count, inc.scheduled_time, inc.start_time
 
 
 def resolve(
@@ -146,29 +197,41 @@ def resolve(
     fences.root_of(links)  # refuse a chain that loops or breaks before deciding anything
     slot = fences.slot_key(workflow_id, reference_name, task_type, target)
     ledger = Ledger(lakefs, target.repository, source_branch=target.branch)
-    own = ledger.read(workflow_id, slot, incarnation.task_id)
-    if own is not None and fences.later_scheduling(own.incarnation, incarnation):
-        # An attempt of a later scheduling of this task id resolved already: this delivery
-        # is superseded, and its entry must not overwrite the later one.
-        raise Superseded(
-            f"task {incarnation.task_id} was rescheduled after this delivery (the ledger holds "
-            f"a later scheduling: retry {own.incarnation.retry_count}, scheduled "
-            f"{own.incarnation.scheduled_time}, started {own.incarnation.start_time})"
+    for _ in range(LEDGER_TRIES):
+        recorded = ledger.schedulings(workflow_id, slot, incarnation.task_id)
+        later = [r for r in recorded if fences.later_scheduling(r, incarnation)]
+        if later:
+            # An attempt of a later scheduling of this task id resolved already: this
+            # delivery is superseded (a rerun or a revival replaced its scheduling).
+            newest = max(later, key=_order)
+            raise Superseded(
+                f"task {incarnation.task_id} was rescheduled after this delivery (the ledger "
+                f"holds a later scheduling: retry {newest.retry_count}, scheduled "
+                f"{newest.scheduled_time}, started {newest.start_time})"
+            )
+        own = ledger.entry(workflow_id, slot, incarnation)
+        decided = fences.link_execution(slot, incarnation, own)
+        fresh = fences.starts_execution(incarnation, own)
+        for link in links[1:]:
+            if decided is not None:
+                break
+            entry = ledger.entry(workflow_id, slot, link)
+            decided = fences.link_execution(slot, link, entry)
+            fresh = fences.starts_execution(link, entry)
+        if decided is None:  # unreachable: the chain's last link retries nothing
+            raise LineageError(f"no root found for task {incarnation.task_id}")
+        key, root = decided
+        if own is not None and fences.same_scheduling(own.incarnation, incarnation):
+            break  # this scheduling's entry exists: it decided, as it decides every delivery
+        try:
+            ledger.create(workflow_id, slot, LedgerEntry(incarnation, key, root))
+        except PreconditionFailed:
+            continue  # another delivery of this scheduling wrote first: decide from its entry
+        break
+    else:
+        raise LineageError(
+            f"the ledger entry of task {incarnation.task_id} kept changing ({LEDGER_TRIES} tries)"
         )
-    decided = fences.link_execution(slot, incarnation, own)
-    fresh = fences.starts_execution(incarnation, own)
-    for link in links[1:]:
-        if decided is not None:
-            break
-        entry = ledger.read(workflow_id, slot, link.task_id)
-        decided = fences.link_execution(slot, link, entry)
-        fresh = fences.starts_execution(link, entry)
-    if decided is None:  # unreachable: the chain's last link retries nothing
-        raise LineageError(f"no root found for task {incarnation.task_id}")
-    key, root = decided
-    entry = LedgerEntry(incarnation, key, root)
-    if own != entry:
-        ledger.write(workflow_id, slot, entry)
     started_ms = root.scheduled_time or root.start_time
     not_before = max(0.0, started_ms / 1000 - clock_skew_seconds) if started_ms else 0.0
     return Execution(key, slot, root, target, input_ref, not_before, fresh=fresh)

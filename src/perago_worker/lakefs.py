@@ -57,6 +57,10 @@ class HookRejected(LakeFSError):
     """
 
 
+class PreconditionFailed(LakeFSError):
+    """A conditional write found the object changed (or present) meanwhile: lakeFS 412."""
+
+
 class NoChanges(LakeFSError):
     """A commit or merge found nothing to do (lakeFS answers 400)."""
 
@@ -442,16 +446,21 @@ class LakeFS:
 
     # -- small records (the execution ledger) -------------------------------------------------
 
-    def put_record(self, repository: str, branch: str, key: str, data: bytes) -> None:
+    def put_record(
+        self, repository: str, branch: str, key: str, data: bytes, *, if_match: str | None
+    ) -> None:
         """Write a small object to `branch`'s staging area (no commit: it is visible at once).
 
-        A raw octet-stream body on the data plane: the SDK's `upload_object` takes a *file
-        name* for its content.
+        A compare-and-swap: with `if_match=None` the object must not exist yet
+        (`If-None-Match: *`), otherwise its ETag must still be `if_match`; lakeFS answers
+        412 when it is not, raised as `PreconditionFailed`. A raw octet-stream body on the
+        data plane: the SDK's `upload_object` takes a *file name* for its content.
         """
         route = (
             f"/api/v1/repositories/{self._q(repository)}/branches/{self._q(branch)}/objects?"
             + urllib.parse.urlencode({"path": key})
         )
+        condition = {"If-None-Match": "*"} if if_match is None else {"If-Match": if_match}
 
         def once() -> None:
             resp = self._data.request(
@@ -461,20 +470,34 @@ class LakeFS:
                 headers={
                     "Content-Type": "application/octet-stream",
                     "Content-Length": str(len(data)),
+                    **condition,
                 },
             )
             answer = resp.read()
+            if resp.status == 412:
+                raise PreconditionFailed(412, _message(answer))
             if resp.status not in (200, 201):
                 raise translate(resp.status, answer)
 
         self._with_retries(once)
 
-    def get_record(self, repository: str, ref: str, key: str) -> bytes | None:
-        """A small object's bytes, or None when there is none."""
-        try:
-            return bytes(self.call(self.objects.get_object, repository, ref, key))
-        except NotFound:
-            return None
+    def get_record(self, repository: str, ref: str, key: str) -> tuple[bytes, str] | None:
+        """A small object's bytes and ETag, or None when there is none."""
+        route = (
+            f"/api/v1/repositories/{self._q(repository)}/refs/{self._q(ref)}/objects?"
+            + urllib.parse.urlencode({"path": key})
+        )
+
+        def once() -> tuple[bytes, str] | None:
+            resp = self._data.request("GET", route)
+            data = resp.read()
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                raise translate(resp.status, data)
+            return data, str(resp.getheader("ETag") or "")
+
+        return self._with_retries(once)
 
     def list_keys(self, repository: str, ref: str, prefix: str) -> Iterator[str]:
         """Object keys under `prefix` (uncommitted ones included when `ref` is a branch)."""

@@ -67,7 +67,7 @@ class FakeLakeFS:
     ledger: dict[str, float] = field(default_factory=dict)  # key -> mtime
 
     def add_ledger(self, workflow_id: str, task_id: str, mtime: float = OLD) -> str:
-        key = execution.ledger_key(workflow_id, "s" * 64, task_id)
+        key = execution.ledger_key(workflow_id, "s" * 64, fences.Incarnation(task_id, 0, 1, 2))
         self.ledger[key] = mtime
         return key
 
