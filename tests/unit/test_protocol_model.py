@@ -6,20 +6,22 @@ reruns from the task and restarts one task of one workflow, field by field as Co
 3.32's `WorkflowExecutorOps` does (a rerun keeps `retriedTaskId` and `retryCount`); a lakeFS
 with a target branch (first-parent history, newest first), atomic branch creation, merges
 without compare-and-swap (merging a commit that is already merged answers "no changes"),
-plain object writes for the execution ledger (the last write wins) and a gc that deletes
+create-only objects for the execution ledger (one per scheduling) and a gc that deletes
 intent branches once the workflow is terminal. The workers run the protocol of
 `attempt.py`, `execution.py` and `publish.py` one step per rule and may crash between any
 two steps:
 
 1. a poll delivers the attempt: its token (`delivery_token`) and its `Incarnation`;
-2. `resolve`: the retry chain by GET, the ledger's entries for it, the first link
-   `link_execution` decides (the key, the root); `record`: the attempt's `LedgerEntry`;
-3. the history back to the root's scheduling (`history_ends`, `find_publish`) holds the
-   merge: report it; else an intent exists: adopt its commit (to 7);
+2. `resolve`: the retry chain by GET, the ledger's entries for it (a later scheduling
+   there: `later_scheduling`, stand down), the first link `link_execution` decides (the
+   key, the root; `starts_execution`: fresh); `record`: create the scheduling's
+   `LedgerEntry` (another delivery created it first: resolve again, from its entry);
+3. unless fresh: the history back to the root's scheduling (`history_ends`,
+   `find_publish`) holds the merge: report it; else an intent exists: adopt it (to 7);
 4. the handler ran: a staged commit; 5. the attempt fence (`attempt_verdict`);
 6. claim the intent (`intent_branch`), or adopt the one there;
-7. the history check again, then the attempt fence; 8. the merge request (the staged commit;
-   "no changes" goes back to 7); 9. the fence, and a COMPLETED report with the merge's ref.
+7. the history check again, then the attempt fence; 8. the merge request (the intent
+   branch; "no changes" goes back to 7); 9. the fence, and a COMPLETED report.
 
 Every decision goes through the real pure functions of `perago_worker.fences`; the model
 keeps the ground truth (the logical execution each scheduling belongs to, the attempt
@@ -34,20 +36,21 @@ holding the newest delivery) only to judge the outcome, after every step:
 * I4 a COMPLETED report returns a merge of the attempt's own execution;
 * I5 Conductor accepts a COMPLETED report only from the attempt holding the task.
 
-The known, documented limitation is left out of I3 and I4 by name (see `World.resolve`).
-Open findings are xfail(strict=True) tests (`FINDING_*`); the machines that pass switch
-their triggers off, one switch each, and keep everything else.
+The known, documented limitation is left out of I3 and I4 by name (see `World.resolve`);
+nothing else is left out. What the model found along the way is kept as specifications
+(the merge names the intent branch; the ledger is create-only, one object per scheduling;
+a delivery that finds a later scheduling recorded stands down).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from enum import Enum
 
-import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -87,11 +90,17 @@ REFERENCE = "publish"
 TASK_TYPE = "perago_publish"
 TARGET = Target("repo", "main", "data/")
 MAX_ATTEMPTS = 7  # deliveries per example: keeps the explored state small
+LEDGER_TRIES = 5  # `execution.LEDGER_TRIES`
 TERMINAL = frozenset({"COMPLETED", "FAILED", "TIMED_OUT", "CANCELED"})
 
 
 def slot_of(target: Target = TARGET) -> str:
     return slot_key(WORKFLOW_ID, REFERENCE, TASK_TYPE, target)
+
+
+def ledger_key(inc: Incarnation) -> tuple[str, int, int, int]:
+    """`execution.ledger_key`: one object per scheduling (one workflow, one slot here)."""
+    return inc.task_id, inc.retry_count, inc.scheduled_time, inc.start_time
 
 
 # -- the servers' state ----------------------------------------------------------------------
@@ -129,7 +138,7 @@ class Commit:
 class Phase(Enum):
     DELIVERED = "delivered"  # 1. polled: token, poll count and incarnation known
     DECIDED = "decided"  # 2. chain and ledger read: execution key known
-    RESOLVED = "resolved"  # 2. the attempt's ledger entry written
+    RESOLVED = "resolved"  # 2. the scheduling's ledger entry exists
     CHECKED = "checked"  # 3. no publish, no intent: run the handler
     STAGED = "staged"  # 4. staged commit made
     FENCED = "fenced"  # 5. the attempt fence said live
@@ -156,7 +165,8 @@ class Attempt:
     phase: Phase = Phase.DELIVERED
     root: Incarnation | None = None
     key: str = ""
-    own: LedgerEntry | None = None  # the ledger's entry for the task id, as read
+    own: LedgerEntry | None = None  # the entry that decided the attempt's own link, as read
+    tries: int = 0  # resolves so far (`LEDGER_TRIES`)
     fresh: bool = False  # no attempt resolved the execution yet (`starts_execution`)
     staged: str = ""
     source: str = ""  # the staged commit the attempt will merge (its own or the intent's)
@@ -185,7 +195,8 @@ class World:
         self.current = ""  # the slot's newest task id
         self.workflow = "RUNNING"
         # lakeFS
-        self.ledger: dict[str, LedgerEntry] = {}  # task id -> entry (one workflow, one slot)
+        # The ledger (one workflow, one slot): an object per scheduling, created, never replaced.
+        self.ledger: dict[tuple[str, int, int, int], LedgerEntry] = {}
         self.base = Commit("c0", 0)
         self.history: list[Commit] = [self.base]  # the target, newest first
         self.branches: dict[str, str] = {}  # hidden branches (intents): name -> commit id
@@ -361,8 +372,7 @@ class World:
         (`rerunWF`): a new execution."""
         assert self.can_rerun()
         task = self.task
-        entry = self.ledger.get(task.task_id)
-        unrecorded = entry is None or not same_scheduling(entry.incarnation, Incarnation.of(task))
+        unrecorded = ledger_key(Incarnation.of(task)) not in self.ledger
         retried = task.retry_count > 0 or bool(task.retried_task_id)
         task.scheduled_time = self.tick()
         task.start_time = 0
@@ -411,6 +421,19 @@ class World:
     def foreign_commit(self) -> None:
         """Someone else commits to the target."""
         self.history.insert(0, Commit(self.new_id("f"), self.tick()))
+
+    def schedulings(self, task_id: str) -> list[Incarnation]:
+        """`Ledger.schedulings`: the schedulings of `task_id` the ledger holds entries for."""
+        return [e.incarnation for k, e in self.ledger.items() if k[0] == task_id]
+
+    def entry(self, link: Incarnation) -> LedgerEntry | None:
+        """`Ledger.entry`: the link's own scheduling's entry, else the latest earlier one's."""
+        recorded = self.schedulings(link.task_id)
+        exact = [r for r in recorded if same_scheduling(r, link)]
+        earlier = [r for r in recorded if later_scheduling(link, r)]
+        order = lambda i: (i.retry_count, i.scheduled_time, i.start_time)  # noqa: E731
+        chosen = exact[0] if exact else max(earlier, default=None, key=order)
+        return None if chosen is None else self.ledger[ledger_key(chosen)]
 
     def records(self) -> list[PublishRecord]:
         """The target's whole first-parent history as publish records, newest first."""
@@ -467,44 +490,48 @@ class World:
             links.append(Incarnation.of(state))
         root_of(links)  # refuses a chain that loops or breaks
         slot = slot_of()
-        attempt.own = self.ledger.get(attempt.task_id)
-        if attempt.own is not None and later_scheduling(
-            attempt.own.incarnation, attempt.incarnation
-        ):
-            attempt.phase = Phase.DONE  # `Superseded`: stands down before doing anything
+        attempt.tries += 1
+        later = [
+            r for r in self.schedulings(attempt.task_id) if later_scheduling(r, attempt.incarnation)
+        ]
+        if later or attempt.tries > LEDGER_TRIES:
+            attempt.phase = Phase.DONE  # `Superseded` (or `LineageError`): stands down
             return
+        attempt.own = self.entry(attempt.incarnation)
         decided = link_execution(slot, attempt.incarnation, attempt.own)
         attempt.fresh = starts_execution(attempt.incarnation, attempt.own)
         for link in links[1:]:
             if decided is not None:
                 break
-            entry = self.ledger.get(link.task_id)
+            entry = self.entry(link)
             decided = link_execution(slot, link, entry)
             attempt.fresh = starts_execution(link, entry)
         assert decided is not None, "the chain's last link retries nothing"
         attempt.key, attempt.root = decided
-        # The known, documented limitation, as narrow as the ledger leaves it: a same-task-id
-        # retry (a parent retry reviving a cancelled task) that follows a rerun none of whose
-        # attempts wrote the ledger continues the execution before the rerun (no Conductor
-        # field records the rerun, and neither did the ledger). Its attempts, and any retry
-        # of them, are left out of I3 and I4.
+        # The known, documented limitation (docs/fences.md), as narrow as the ledger leaves
+        # it: a scheduling no attempt wrote to the ledger cannot be told from the one before
+        # it. A parent retry reviving a task after such a rerun, or a rerun from such a retry
+        # copy or revival, continues the execution before it (`World.limited`). Its attempts
+        # are left out of I3 and I4, by name; I1 and I2 still hold for them.
         attempt.known_limitation = attempt.execution in self.limited
         if not attempt.known_limitation:
             self.computed[attempt.key].add(attempt.execution)
-        attempt.phase = Phase.DECIDED
+        own = attempt.own
+        if own is not None and same_scheduling(own.incarnation, attempt.incarnation):
+            attempt.phase = Phase.RESOLVED  # this scheduling's entry decided: nothing to write
+        else:
+            attempt.phase = Phase.DECIDED
 
     def record(self, attempt: Attempt) -> None:
-        """2. The attempt's ledger entry is written (a plain object put: the last one wins)."""
+        """2. `Ledger.create`: the scheduling's entry, created with `If-None-Match: *`; if
+        another delivery of the scheduling created it first, resolve again from its entry."""
         assert attempt.phase is Phase.DECIDED and attempt.root is not None
         self.tick()
-        held = self.ledger.get(attempt.task_id)
-        newer = held is not None and later_scheduling(held.incarnation, attempt.incarnation)
-        if newer and not self.stale_records:
-            attempt.phase = Phase.CRASHED  # switched off: as if it had died before writing
+        key = ledger_key(attempt.incarnation)
+        if key in self.ledger:  # 412
+            attempt.phase = Phase.DELIVERED
             return
-        entry = LedgerEntry(attempt.incarnation, attempt.key, attempt.root)
-        if attempt.own != entry:
-            self.ledger[attempt.task_id] = entry
+        self.ledger[key] = LedgerEntry(attempt.incarnation, attempt.key, attempt.root)
         self.recorded.add(attempt.execution)
         attempt.phase = Phase.RESOLVED
 
@@ -592,9 +619,6 @@ class World:
     # `merge_once` merges the intent branch; `merge_staged_commit` models merging the staged
     # commit by id instead (what src did before the model found a second merge with it).
     merge_staged_commit = False
-    # FINDING_STALE_RECORD's trigger: an attempt writes its ledger entry over the entry of a
-    # later scheduling of its task id. Switched off, such an attempt dies before writing.
-    stale_records = True
 
     def merge_source(self, attempt: Attempt) -> str | None:
         if self.merge_staged_commit:
@@ -918,7 +942,7 @@ def test_the_ledger_tells_a_revival_from_a_rerun() -> None:
     rerun = world.run(world.poll(), Phase.RESOLVED)
     assert revived.key == first.key
     assert rerun.key not in (first.key, revived.key)
-    assert world.ledger[first.task_id].execution == rerun.key
+    assert [e.execution for e in world.ledger.values()] == [first.key, revived.key, rerun.key]
 
 
 def test_known_limitation_a_revival_after_an_unrecorded_rerun_continues_the_old_run() -> None:
@@ -934,6 +958,34 @@ def test_known_limitation_a_revival_after_an_unrecorded_rerun_continues_the_old_
     assert world.violations() == []  # left out of I3 and I4, by name
 
 
+def test_known_limitation_a_rerun_from_an_unrecorded_retry_continues_the_old_run() -> None:
+    # Documented (docs/fences.md): the ledger never saw t2's scheduling. No second merge.
+    world = World()
+    first = world.run(world.poll(), Phase.MERGED)  # t1 merged, never reported
+    world.time_out(retry=True)  # t2 retries t1: scheduled, never polled
+    world.cancel()
+    world.rerun()  # rerun from t2
+    rerun = world.run(world.poll())
+    assert rerun.known_limitation
+    assert rerun.ref == first.ref  # the limitation: the old run's publish
+    assert len(world.merges()) == 1
+    assert world.violations() == []  # left out of I3 and I4, by name
+
+
+def test_known_limitation_a_rerun_from_an_unrecorded_revival_continues_the_old_run() -> None:
+    world = World()
+    first = world.run(world.poll(), Phase.MERGED)
+    world.cancel()
+    world.retry_workflow()  # revived: retryCount 1, never polled
+    world.cancel()
+    world.rerun()  # rerun from t1 (retryCount still 1)
+    rerun = world.run(world.poll())
+    assert rerun.known_limitation
+    assert rerun.ref == first.ref
+    assert len(world.merges()) == 1
+    assert world.violations() == []
+
+
 def test_a_revival_after_a_recorded_rerun_continues_the_rerun() -> None:
     world = World()
     first = world.run(world.poll())
@@ -946,6 +998,46 @@ def test_a_revival_after_a_recorded_rerun_continues_the_rerun() -> None:
     assert revived.key == rerun.key != first.key
     assert revived.ref != first.ref
     assert world.violations() == []
+
+
+def test_a_delivery_that_finds_a_later_scheduling_recorded_stands_down() -> None:
+    world = World()
+    late = world.poll()  # delivered, slow to resolve
+    world.cancel()
+    world.retry_workflow()  # revived: retryCount 1
+    world.run(world.poll(), Phase.MERGED)  # recorded, merged, never reported
+    world.run(late)
+    assert late.phase is Phase.DONE and late.key == ""  # `Superseded`: decided nothing
+    world.time_out(retry=True)
+    world.run(world.poll())
+    assert len(world.merges()) == 1
+    assert world.violations() == []
+
+
+def test_a_ledger_write_racing_a_revival_never_replaces_the_later_scheduling() -> None:
+    world = World()
+    slow = world.run(world.poll(), Phase.DECIDED)  # read the ledger (empty), not written yet
+    world.cancel()
+    world.retry_workflow()  # revived: retryCount 1
+    revived = world.run(world.poll(), Phase.MERGED)  # no entry: a fresh key; merged
+    world.record(slow)  # creates its own scheduling's entry; the revived one's stays
+    world.time_out(retry=True)
+    retry = world.run(world.poll())
+    assert retry.key == revived.key
+    assert len(world.merges()) == 1
+    assert world.violations() == []
+
+
+def test_two_deliveries_of_one_scheduling_agree_on_the_first_entry() -> None:
+    world = World()
+    first = world.run(world.poll(), Phase.DECIDED)
+    second = world.run(world.redeliver(), Phase.DECIDED)
+    world.record(second)
+    world.record(first)  # 412: resolves again, from the entry `second` created
+    assert first.phase is Phase.DELIVERED
+    world.run(first, Phase.RESOLVED)
+    assert first.key == second.key
+    assert len(world.ledger) == 1
 
 
 def test_a_superseded_attempts_report_is_not_accepted() -> None:
@@ -1008,6 +1100,14 @@ STEP_NAMES = {
 WORKER_STEPS = frozenset(STEP_NAMES.values())
 POLL_UNTIL = (None, Phase.READY, Phase.MERGED, Phase.DONE)
 PACES = st.sampled_from((1.0, 0.1, 4.0))
+
+
+@functools.cache
+def choice(n: int) -> st.SearchStrategy[int]:
+    """An index into a list of `n` (built once per length: cheaper than `sampled_from`)."""
+    return st.integers(min_value=0, max_value=n - 1)
+
+
 RUN_UNTIL = (
     Phase.RESOLVED,
     Phase.STAGED,
@@ -1023,22 +1123,20 @@ class ProtocolModel(RuleBasedStateMachine):
     """Every server event and every protocol step is a rule, drawn among those that apply;
     the guarantees hold after each.
 
-    The machine draws the rule itself (one Hypothesis rule, `act`), with weights: a
-    protocol step is as likely as any server event, so attempts get far between events. A
-    poll's `until` and `run_to` advance one attempt through several steps at once with no
-    event in between (long runs are likely); the single steps keep every interleaving
-    reachable. A failure prints the rules run, in order (`Draw n: ...`, and in the message).
+    The machine draws the rule itself (one Hypothesis rule, `act`), with weights: an
+    attempt's next step is as likely as all the events together, times the attempt's pace
+    (drawn when it is delivered: slow ones let events pass them by). A poll's `until` and
+    `run_to` advance one attempt through several steps at once with no event in between;
+    the single steps keep every interleaving reachable. A failure's message lists the rules
+    run, in order (and Hypothesis prints each as a note).
     """
 
-    # The trigger of the open finding (see FINDING_STALE_RECORD).
-    stale_records = True  # a ledger write lands over a later scheduling's entry
     # The rules a focused machine keeps (None: all).
     only: frozenset[str] | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self.world = World()
-        self.world.stale_records = self.stale_records
         self.log: list[str] = []
         self.pace: dict[str, float] = {}  # attempt -> how fast it steps, next to the events
 
@@ -1110,7 +1208,9 @@ class ProtocolModel(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def act(self, data: st.DataObject) -> None:
-        action = data.draw(st.sampled_from(self.actions()))
+        actions = self.actions()
+        action = actions[data.draw(choice(len(actions)), label="action")]
+        note(repr(action))
         self.log.append(repr(action))
         self.apply(action)
         for attempt in self.world.attempts:
@@ -1124,9 +1224,7 @@ class ProtocolModel(RuleBasedStateMachine):
 
 
 class WithinKnownLimits(ProtocolModel):
-    """Every rule; the trigger of the open finding switched off."""
-
-    stale_records = False
+    """Every rule (the known limitation is left out of I3 and I4 by name)."""
 
 
 # Focused machines: fewer rules, so deeper interleavings of the ones kept. Each keeps
@@ -1158,7 +1256,7 @@ class RerunsAndRestarts(WithinKnownLimits):
 
 
 MODEL_SETTINGS = settings(
-    max_examples=200,
+    max_examples=250,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -1172,47 +1270,3 @@ TestCrashesAndRedeliveries = CrashesAndRedeliveries.TestCase
 TestCrashesAndRedeliveries.settings = MODEL_SETTINGS
 TestRerunsAndRestarts = RerunsAndRestarts.TestCase
 TestRerunsAndRestarts.settings = MODEL_SETTINGS
-
-
-# -- open findings: xfail(strict=True) until src changes -------------------------------------
-#
-# Each is the shortest failing sequence a machine with the finding's trigger switched on
-# printed (or a shorter one found by hand), replayed step by step.
-
-FINDING_STALE_RECORD = (
-    "Ledger writes are read, compare, write: an attempt that read the ledger before a later "
-    "scheduling of its task id was recorded (a parent retry revived the task while it was "
-    "between its read and its write) still writes its earlier scheduling over the later "
-    "one's. The revived attempt, which found no entry, took a fresh key and merged; the next "
-    "retry continues the stale entry's key instead and merges again: two merges of one "
-    "execution under two keys (I1, I3). docs/fences.md says no second merge results; the "
-    "model finds one. Needs a conditional write (or a re-read after the write that stands "
-    "down, and a fence on it)."
-)
-
-
-def assert_guarantees(world: World) -> None:
-    violations = world.violations()
-    assert not violations, "\n".join(violations)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=FINDING_STALE_RECORD)
-def test_finding_a_ledger_write_racing_a_revival_keeps_the_later_scheduling() -> None:
-    world = World()
-    slow = world.run(world.poll(), Phase.DECIDED)  # read the ledger (empty), not written yet
-    world.cancel()
-    world.retry_workflow()  # revived: retryCount 1
-    world.run(world.poll(), Phase.MERGED)  # no entry: a fresh key; merged, never reported
-    world.record(slow)  # its earlier scheduling over the revived one's
-    world.time_out(retry=True)
-    world.run(world.poll())
-    assert_guarantees(world)
-
-
-# The machine with the trigger switched back on finds it on some runs only (five specific
-# steps in a row), so it is no xfail(strict=True) test; to watch it search:
-# `run_state_machine_as_test(StaleRecords, settings=MODEL_SETTINGS)`.
-
-
-class StaleRecords(WithinKnownLimits):
-    stale_records = True
