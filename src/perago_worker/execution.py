@@ -146,12 +146,18 @@ class Ledger:
             return []  # no ledger branch yet
         return [inc for name in names if (inc := _scheduling_of(task_id, name)) is not None]
 
-    def entry(self, workflow_id: str, slot: str, link: Incarnation) -> LedgerEntry | None:
-        """The entry that decides `link`: its own scheduling's, else the latest earlier one."""
-        recorded = self.schedulings(workflow_id, slot, link.task_id)
-        exact = [r for r in recorded if fences.same_scheduling(r, link)]
-        earlier = [r for r in recorded if fences.later_scheduling(link, r)]
-        chosen = exact[0] if exact else max(earlier, default=None, key=_order)
+    def entry(
+        self,
+        workflow_id: str,
+        slot: str,
+        link: Incarnation,
+        recorded: list[Incarnation] | None = None,
+    ) -> LedgerEntry | None:
+        """The entry that decides `link` (`fences.deciding_scheduling`); `recorded`, when the
+        caller listed the task's schedulings already, saves listing them again."""
+        if recorded is None:
+            recorded = self.schedulings(workflow_id, slot, link.task_id)
+        chosen = fences.deciding_scheduling(link, recorded)
         if chosen is None:
             return None
         found = self.lakefs.get_record(
@@ -174,10 +180,6 @@ class Ledger:
             self.lakefs.put_record(
                 self.repository, LEDGER_BRANCH, key, entry.to_json(), if_match=None
             )
-
-
-def _order(inc: Incarnation) -> tuple[int, int, int]:
-    return inc.retry_count, inc.scheduled_time, inc.start_time
 
 
 def resolve(
@@ -203,13 +205,13 @@ def resolve(
         if later:
             # An attempt of a later scheduling of this task id resolved already: this
             # delivery is superseded (a rerun or a revival replaced its scheduling).
-            newest = max(later, key=_order)
+            newest = max(later, key=fences.scheduling_order)
             raise Superseded(
                 f"task {incarnation.task_id} was rescheduled after this delivery (the ledger "
                 f"holds a later scheduling: retry {newest.retry_count}, scheduled "
                 f"{newest.scheduled_time}, started {newest.start_time})"
             )
-        own = ledger.entry(workflow_id, slot, incarnation)
+        own = ledger.entry(workflow_id, slot, incarnation, recorded)
         decided = fences.link_execution(slot, incarnation, own)
         fresh = fences.starts_execution(incarnation, own)
         for link in links[1:]:

@@ -262,16 +262,31 @@ def same_scheduling(a: Incarnation, b: Incarnation) -> bool:
     )  # fmt: skip
 
 
-def later_scheduling(a: Incarnation, b: Incarnation) -> bool:
-    """Pure: is `a` a later scheduling of the same task id than `b`?
+def scheduling_order(inc: Incarnation) -> tuple[int, int, int]:
+    """The order of one task id's schedulings: every reset Conductor makes moves it forward
+    (a revival bumps retryCount, a rerun sets a new scheduledTime, a rerun's sibling reset a
+    new startTime)."""
+    return inc.retry_count, inc.scheduled_time, inc.start_time
 
-    Every reset Conductor makes of one task id moves (retryCount, scheduledTime, startTime)
-    forward: a revival bumps retryCount, a rerun sets a new scheduledTime, a rerun's sibling
-    reset a new startTime.
+
+def later_scheduling(a: Incarnation, b: Incarnation) -> bool:
+    """Pure: is `a` a later scheduling of the same task id than `b`?"""
+    return a.task_id == b.task_id and scheduling_order(a) > scheduling_order(b)
+
+
+def deciding_scheduling(link: Incarnation, recorded: Iterable[Incarnation]) -> Incarnation | None:
+    """Pure: which recorded scheduling's ledger entry decides `link`.
+
+    Its own scheduling's entry if there is one, else the latest earlier one of its task id
+    (the scheduling a revival or a rerun replaced); later ones never decide an earlier link.
     """
-    return a.task_id == b.task_id and (a.retry_count, a.scheduled_time, a.start_time) > (
-        b.retry_count, b.scheduled_time, b.start_time,
-    )  # fmt: skip
+    recorded = list(recorded)
+    for r in recorded:
+        if same_scheduling(r, link):
+            return r
+    return max(
+        (r for r in recorded if later_scheduling(link, r)), default=None, key=scheduling_order
+    )
 
 
 def link_execution(

@@ -26,6 +26,7 @@ from perago_worker.fences import (
     PublishRecord,
     Target,
     attempt_verdict,
+    deciding_scheduling,
     delivery_token,
     execution_key,
     find_publish,
@@ -360,3 +361,12 @@ def test_parse_staging_branch_round_trips_conductor_task_ids(
 )
 def test_parse_staging_branch_ignores_other_names(name: str) -> None:
     assert parse_staging_branch(name) is None
+
+
+def test_a_links_own_scheduling_decides_it_else_the_latest_earlier_one() -> None:
+    rerun = replace(ROOT, scheduled_time=9_000, start_time=9_100)
+    revival = replace(ROOT, retry_count=1, scheduled_time=5_000, start_time=5_100)
+    assert deciding_scheduling(ROOT, [rerun, ROOT]) == ROOT
+    assert deciding_scheduling(replace(revival, start_time=6_000), [ROOT, revival]) == revival
+    assert deciding_scheduling(ROOT, [rerun, revival]) is None  # later ones never decide
+    assert deciding_scheduling(ROOT, []) is None
