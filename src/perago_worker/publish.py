@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from perago_worker import fences
-from perago_worker.changes import ChangeSet
+from perago_worker.changes import ChangeSet, FileSignature
 from perago_worker.contract import FailureKind, TaskFailure
 from perago_worker.execution import Execution, published
 from perago_worker.lakefs import Conflict, LakeFS, NoChanges, NotFound, SourceChanged, is_transient
@@ -94,20 +94,16 @@ def stage(
                 raise changed(rel, "it is no longer a regular file")
             if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
                 raise changed(rel, "another file is in its place")
-            # ctime too: a write that put the mtime back still moves it (nothing unprivileged
-            # can set a ctime).
-            if (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
-                seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns,
-            ):  # fmt: skip
+            # The change set's own signature (size, mtime, ctime, inode): a write that put
+            # the mtime back still moves the ctime (nothing unprivileged can set one).
+            signature = FileSignature.of(now)
+            if signature != FileSignature.of(seen):
                 raise changed(rel, "it was written to")
             try:
                 lakefs.upload(repository, branch, relative_to_key(rel, prefix), fd, seen.st_size)
             except SourceChanged:
                 raise changed(rel, "it was cut short while it was uploaded") from None
-            after = os.fstat(fd)
-            if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
-                now.st_size, now.st_mtime_ns, now.st_ctime_ns,
-            ):  # fmt: skip
+            if FileSignature.of(os.fstat(fd)) != signature:
                 raise changed(rel, "it was written to while it was uploaded")
         finally:
             os.close(fd)
