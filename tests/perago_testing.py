@@ -55,8 +55,17 @@ class InProcessWorker:
 _WORKFLOWS: set[str] = set()
 
 
-def one_task_workflow(conductor: Conductor, task_type: str, keys: list[str]) -> str:
-    name = f"wf_{task_type}_{'_'.join(keys) or 'none'}"
+def one_task_workflow(
+    conductor: Conductor,
+    task_type: str,
+    keys: list[str],
+    *,
+    input_parameters: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> str:
+    """A one-task workflow (reference name `only`) passing the workflow input keys through,
+    or `input_parameters` as given (under `name`)."""
+    name = name or f"wf_{task_type}_{'_'.join(keys) or 'none'}"
     if name not in _WORKFLOWS:
         conductor.register_workflow(
             {
@@ -69,7 +78,9 @@ def one_task_workflow(conductor: Conductor, task_type: str, keys: list[str]) -> 
                         "name": task_type,
                         "taskReferenceName": "only",
                         "type": "SIMPLE",
-                        "inputParameters": {k: f"${{workflow.input.{k}}}" for k in keys},
+                        "inputParameters": input_parameters
+                        if input_parameters is not None
+                        else {k: f"${{workflow.input.{k}}}" for k in keys},
                     }
                 ],
                 "outputParameters": {"output": "${only.output}"},

@@ -227,37 +227,17 @@ class Harness:
             assert list(self.lakefs.list_keys(self.repo, LEDGER_BRANCH, LEDGER_PREFIX)) == []
 
 
-_DRIFTING: set[str] = set()
-
-
 def drifting_workflow(conductor: Conductor, task_type: str, param_keys: list[str]) -> str:
     """A one-task workflow whose `params.nonce` is the id of the task being scheduled."""
-    name = f"wf_drift_{task_type}_{'_'.join(param_keys)}"
-    if name not in _DRIFTING:
-        params: dict[str, Any] = {k: f"${{workflow.input.params.{k}}}" for k in param_keys}
-        params["nonce"] = "${CPEWF_TASK_ID}"
-        conductor.register_workflow(
-            {
-                "name": name,
-                "version": 1,
-                "schemaVersion": 2,
-                "ownerEmail": "tests@localhost",
-                "tasks": [
-                    {
-                        "name": task_type,
-                        "taskReferenceName": "only",
-                        "type": "SIMPLE",
-                        "inputParameters": {
-                            "workspace": "${workflow.input.workspace}",
-                            "params": params,
-                        },
-                    }
-                ],
-                "outputParameters": {"output": "${only.output}"},
-            }
-        )
-        _DRIFTING.add(name)
-    return name
+    params: dict[str, Any] = {k: f"${{workflow.input.params.{k}}}" for k in param_keys}
+    params["nonce"] = "${CPEWF_TASK_ID}"
+    return one_task_workflow(
+        conductor,
+        task_type,
+        [],
+        input_parameters={"workspace": "${workflow.input.workspace}", "params": params},
+        name=f"wf_drift_{task_type}_{'_'.join(param_keys)}",
+    )
 
 
 @pytest.fixture(scope="module")

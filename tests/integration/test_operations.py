@@ -487,8 +487,7 @@ def test_gc_cli_lists_unverifiable_branches(
     assert any(line.startswith(f"kept (unverifiable) {repo}:{intent}: ") for line in lines)
     assert any(line.startswith(f"kept (unverifiable) {repo}:{staging}: ") for line in lines)
     assert lines[-1].endswith(
-        "0 staging branch(es), 0 intent branch(es), 0 ledger entries; "
-        "kept 0 live, 2 unverifiable"
+        "0 staging branch(es), 0 intent branch(es), 0 ledger entries; kept 0 live, 2 unverifiable"
     )
     assert branches(lakefs, repo) == {intent, staging}
 
