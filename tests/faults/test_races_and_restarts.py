@@ -35,8 +35,11 @@ def test_zombie_that_outlives_its_timeout_never_merges_while_the_retry_does(
 def test_two_workers_given_the_same_task_id_publish_once(harness: Harness) -> None:
     # One slot: while its attempt sleeps, the first worker cannot poll the task again.
     first_worker = harness.worker("first", PERAGO_CONCURRENCY="1")
-    case = harness.start("slow", first_attempt_sleep=6)
+    case = harness.start("slow", first_attempt_sleep=20)
     task = harness.wait_task(case, lambda t: t.status == "IN_PROGRESS")
+    # The second worker is polling before the task is re-queued: were it still booting when the
+    # first attempt stands down, the first worker's freed slot would take the task back itself.
+    second = harness.worker("second")
     # An IN_PROGRESS update without extendLease re-queues the same task id at once.
     harness.conductor.update(
         TaskResult(
@@ -46,7 +49,6 @@ def test_two_workers_given_the_same_task_id_publish_once(harness: Harness) -> No
             callback_after_seconds=0,
         )
     )
-    second = harness.worker("second")
     redelivered = harness.wait_task(
         case,
         lambda t: (t.worker_id or "").startswith(second_worker_id(second) + "#"),
