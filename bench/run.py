@@ -238,7 +238,7 @@ def main(argv: Sequence[str]) -> int:
             quick=args.quick,
         )
         machine_rows = machine(b)
-        lakefs.create_repository(repo, f"local://{repo}")
+        lakefs.create_repository(repo)
         reads = set().union(*(READS[c] for c in args.cases), *(LOCAL[c] for c in args.cases))
         keep = set().union(*(LOCAL[c] for c in args.cases))
         seed(b, [n for n in sets if n in reads], keep_local=sorted(keep))

@@ -3,8 +3,11 @@
 The servers are started once per pytest session by `perago_worker.devstack` (obtained and
 cached outside the repo on first use), or reused when `PERAGO_TEST_LAKEFS_URL` and
 `PERAGO_TEST_CONDUCTOR_URL` (with `PERAGO_TEST_LAKEFS_ACCESS_KEY_ID` and
-`PERAGO_TEST_LAKEFS_SECRET_ACCESS_KEY`) point at running ones. A failing test's report ends
-with the tail of both server logs.
+`PERAGO_TEST_LAKEFS_SECRET_ACCESS_KEY`, and `PERAGO_TEST_STORE_*` when lakeFS sits on the S3
+store) point at running ones. The session's lakeFS runs on the blockstore
+`PERAGO_TEST_BLOCKSTORE` names: `s3` (the default: an S3-compatible store, presigned
+transfers, as in production) or `local`. A failing test's report ends with the tail of the
+server logs.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import pytest
 
 from perago_testing import new_repository
 from perago_worker.conductor import Conductor
-from perago_worker.devstack.servers import Endpoints, Stack, start_stack
-from perago_worker.lakefs import LakeFS
+from perago_worker.devstack.servers import BLOCKSTORES, Endpoints, Stack, StoreEndpoint, start_stack
+from perago_worker.lakefs import DataPathUnavailable, LakeFS, Transfers
 
 _STACK: Stack | None = None
 
@@ -28,12 +31,28 @@ def _external_endpoints() -> Endpoints | None:
     conductor_url = os.environ.get("PERAGO_TEST_CONDUCTOR_URL")
     if not (lakefs_url and conductor_url):
         return None
+    store_url = os.environ.get("PERAGO_TEST_STORE_URL")
     return Endpoints(
         lakefs_url=lakefs_url.rstrip("/"),
         lakefs_access_key_id=os.environ["PERAGO_TEST_LAKEFS_ACCESS_KEY_ID"],
         lakefs_secret_access_key=os.environ["PERAGO_TEST_LAKEFS_SECRET_ACCESS_KEY"],
         conductor_url=conductor_url.rstrip("/"),
+        store=StoreEndpoint(
+            store_url,
+            os.environ["PERAGO_TEST_STORE_ACCESS_KEY_ID"],
+            os.environ["PERAGO_TEST_STORE_SECRET_ACCESS_KEY"],
+            os.environ.get("PERAGO_TEST_STORE_BUCKET", "perago-dev"),
+        )
+        if store_url
+        else None,
     )
+
+
+def session_blockstore() -> str:
+    blockstore = os.environ.get("PERAGO_TEST_BLOCKSTORE", "s3")
+    if blockstore not in BLOCKSTORES:
+        raise pytest.UsageError(f"PERAGO_TEST_BLOCKSTORE must be one of {BLOCKSTORES}")
+    return blockstore
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +62,7 @@ def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
     if external is not None:
         yield external
         return
-    stack = start_stack(tmp_path_factory.mktemp("stack"))
+    stack = start_stack(tmp_path_factory.mktemp("stack"), blockstore=session_blockstore())
     _STACK = stack
     try:
         yield stack.endpoints
@@ -66,6 +85,24 @@ def lakefs(endpoints: Endpoints) -> Iterator[LakeFS]:
         endpoints.lakefs_url, endpoints.lakefs_access_key_id, endpoints.lakefs_secret_access_key
     )
     yield client
+    client.close()
+
+
+@pytest.fixture(scope="session", params=["api", "presign"])
+def transfers(endpoints: Endpoints, request: pytest.FixtureRequest) -> Iterator[Transfers]:
+    """Each data plane in turn: through lakeFS, and presigned (skipped where lakeFS cannot)."""
+    client = LakeFS(
+        endpoints.lakefs_url,
+        endpoints.lakefs_access_key_id,
+        endpoints.lakefs_secret_access_key,
+        data_path=request.param,
+    )
+    try:
+        chosen = client.transfers
+    except DataPathUnavailable:
+        client.close()
+        pytest.skip(f"lakeFS on the {endpoints.blockstore} blockstore cannot presign")
+    yield chosen
     client.close()
 
 

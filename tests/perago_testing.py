@@ -137,5 +137,5 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30, step: float =
 def new_repository(lakefs: LakeFS, hint: str) -> str:
     base = re.sub(r"[^a-z0-9-]+", "-", hint.lower()).strip("-")[:40] or "repo"
     name = f"{base}-{uuid.uuid4().hex[:8]}"
-    lakefs.create_repository(name, f"local://{name}")
+    lakefs.create_repository(name)
     return name

@@ -46,6 +46,7 @@ def clients(settings: Settings) -> tuple[LakeFS, Conductor]:
         settings.lakefs.secret_access_key.get_secret_value(),
         pool_size=settings.transfer_concurrency,
         timeout=settings.lakefs.request_timeout_seconds,
+        data_path=settings.lakefs.data_path,
     )
     conductor = Conductor(
         settings.conductor.url,

@@ -5,8 +5,8 @@ fixed set of transfer threads drains it, bodies stream to disk in 1 MiB blocks s
 stays flat whatever the object size, and the listing's size and checksum are trusted: no
 per-object stat call. Objects a previous attempt fetched come from the local content cache.
 
-Every materialized file's SHA-256 is computed here, from the bytes on disk before the
-handler runs (read back while they are in the page cache; a cache hit hashes what it copies),
+Every materialized file's SHA-256 is computed here, from the bytes as they are written,
+before the handler runs (the data plane hashes its stream; a cache hit hashes what it copies),
 so that `changes.diff` can tell a rewrite with the same bytes from an edit, and the cache can
 check every entry it serves. lakeFS's own checksum is not used for that: it is the MD5 of the
 content only for some blockstores and upload paths (an S3 multipart or SSE-KMS ETag is not).
@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from perago_worker import faultpoints
 from perago_worker.cache import ObjectCache
-from perago_worker.changes import FileSignature, Manifest, ManifestEntry, digest_fd
+from perago_worker.changes import FileSignature, Manifest, ManifestEntry
 from perago_worker.contract import FailureKind, TaskFailure
 from perago_worker.lakefs import LakeFS, ObjectInfo
 from perago_worker.paths import TreeShape, UnsafeKey, key_to_relative, local_path
@@ -81,6 +81,7 @@ def materialize(
     stop = threading.Event()
 
     scope = repository_scope(lakefs, repository) if cache is not None else ""
+    transfers = lakefs.transfers
 
     def fetch(obj: ObjectInfo, rel: PurePosixPath, dest: Path) -> None:
         key = cache.key(scope, obj.checksum, obj.size, obj.mtime) if cache is not None else ""
@@ -89,8 +90,8 @@ def materialize(
         if served is not None:
             st, digest = served
         else:
-            st = lakefs.download(repository, ref, obj.key, dest, obj.size)
-            digest = _digest_written(dest, st)
+            done = transfers.download(repository, ref, obj, dest)
+            st, digest = done.stat, done.sha256
         faultpoints.hit("materialize.object")
         entry = ManifestEntry(FileSignature.of(st), obj.checksum, digest, key)
         with lock:
@@ -123,7 +124,7 @@ def materialize(
 
     ensure_workers(1)
     try:
-        for page in lakefs.list_objects(repository, ref, prefix):
+        for page in transfers.list_objects(repository, ref, prefix):
             big = any(obj.size >= SMALL_OBJECT for obj in page)
             ensure_workers(concurrency if big else small_object_threads)
             for obj in page:
@@ -150,17 +151,6 @@ def materialize(
     manifest = settle(root, manifest)
     stats.seconds = time.monotonic() - started
     return manifest, stats
-
-
-def _digest_written(dest: Path, st: os.stat_result) -> str:
-    """SHA-256 of the file just downloaded (the one `st` describes), before anyone else runs."""
-    fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if os.fstat(fd).st_ino != st.st_ino:
-            raise OSError(f"{dest}: replaced while it was materialized")
-        return digest_fd(fd)
-    finally:
-        os.close(fd)
 
 
 def fs_clock(folder: Path) -> int:

@@ -152,7 +152,7 @@ def preflight_clients(settings: Settings) -> tuple[LakeFS, Conductor]:
     from perago_worker.compose import clients
 
     lakefs, conductor = clients(settings)
-    lakefs._retry_seconds = PREFLIGHT_RETRY_SECONDS
+    lakefs.retry_seconds = PREFLIGHT_RETRY_SECONDS
     conductor._retry_seconds = PREFLIGHT_RETRY_SECONDS
     return lakefs, conductor
 
@@ -279,7 +279,7 @@ def _step(results: list[Result], name: str, probe: Callable[[], str], hint: str 
 
 def _lakefs_probe(lakefs: LakeFS) -> str:
     try:
-        user = lakefs.call(lakefs._auth_api().get_current_user)
+        user = lakefs.call(lakefs.auth.get_current_user)
     except Unauthorized as exc:
         raise RuntimeError(f"lakeFS rejected the credentials ({exc.status})") from None
     return f"signed in as {user.user.id} at {lakefs.endpoint}"

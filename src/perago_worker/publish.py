@@ -64,6 +64,7 @@ def stage(
     started = time.monotonic()
     stats = StageStats()
     lakefs.create_branch(repository, branch, input_ref, hidden=True)
+    transfers = lakefs.transfers
     failed = threading.Event()
 
     def changed(rel: PurePosixPath, how: str) -> TaskFailure:
@@ -100,7 +101,7 @@ def stage(
             if signature != FileSignature.of(seen):
                 raise changed(rel, "it was written to")
             try:
-                lakefs.upload(repository, branch, relative_to_key(rel, prefix), fd, seen.st_size)
+                transfers.upload(repository, branch, relative_to_key(rel, prefix), fd, seen.st_size)
             except SourceChanged:
                 raise changed(rel, "it was cut short while it was uploaded") from None
             if FileSignature.of(os.fstat(fd)) != signature:

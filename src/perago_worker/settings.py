@@ -36,6 +36,12 @@ class LakeFSSettings(BaseModel):
     access_key_id: str = ""
     secret_access_key: SecretStr = SecretStr("")
     request_timeout_seconds: float = Field(60.0, gt=0)
+    data_path: Literal["auto", "presign", "api"] = Field(
+        "auto",
+        description="How object bodies travel: presign (straight to and from the object "
+        "store on URLs lakeFS presigns), api (through the lakeFS server), or auto (presign "
+        "when the server's storage config says it can)",
+    )
 
     @field_validator("endpoint")
     @classmethod

@@ -32,7 +32,7 @@ from perago_worker import attempt as attempt_module
 from perago_worker.changes import diff, scan
 from perago_worker.contract import MAX_REASON, TaskFailure, bound_reason
 from perago_worker.fences import STAGING_PREFIX
-from perago_worker.lakefs import LakeFS, SourceChanged
+from perago_worker.lakefs import LakeFS, SourceChanged, Transfers
 
 S, S_PORTABLE = suffix(), suffix()
 TOKEN = "tok-7Hq2ZxW9pLm4Rv8Ks1Nd"  # a configured handler secret
@@ -231,7 +231,7 @@ def test_a_file_written_to_while_it_is_uploaded_fails_the_stage(
     root.mkdir()
     (root / "grows.txt").write_text("first part")
     scanned = scan(root)
-    real_upload = lakefs.upload
+    real_upload = lakefs.transfers.upload
 
     def upload_while_a_writer_appends(*args: Any, **kwargs: Any) -> str:
         checksum = real_upload(*args, **kwargs)
@@ -239,7 +239,7 @@ def test_a_file_written_to_while_it_is_uploaded_fails_the_stage(
             writer.write(" and more")
         return checksum
 
-    monkeypatch.setattr(lakefs, "upload", upload_while_a_writer_appends)
+    monkeypatch.setattr(lakefs.transfers, "upload", upload_while_a_writer_appends)
     staging = f"{STAGING_PREFIX}direct-{suffix()}"
     try:
         with pytest.raises(TaskFailure) as caught:
@@ -263,7 +263,7 @@ def test_a_file_written_to_while_it_is_uploaded_fails_the_stage(
     )
 
 
-# -- LakeFS.upload takes an open file ------------------------------------------------------
+# -- every data plane uploads exactly the checked bytes of an open file ---------------------
 
 
 @pytest.fixture
@@ -275,27 +275,27 @@ def scratch_branch(lakefs: LakeFS, repo: str, base: str) -> Iterator[str]:
 
 
 def test_upload_sends_the_expected_bytes_of_a_descriptor_from_its_start(
-    lakefs: LakeFS, repo: str, scratch_branch: str, tmp_path: Path
+    lakefs: LakeFS, transfers: Transfers, repo: str, scratch_branch: str, tmp_path: Path
 ) -> None:
     source = tmp_path / "body.bin"
     source.write_bytes(b"0123456789")
     with source.open("rb") as body:
         body.seek(0, os.SEEK_END)  # the file position is not used
-        lakefs.upload(repo, scratch_branch, "up/body.bin", body, 10)
+        transfers.upload(repo, scratch_branch, "up/body.bin", body.fileno(), 10)
     assert read(lakefs, repo, scratch_branch, "up/body.bin", tmp_path) == b"0123456789"
 
 
 def test_upload_of_a_file_shorter_than_expected_stores_nothing(
-    lakefs: LakeFS, repo: str, scratch_branch: str, tmp_path: Path
+    lakefs: LakeFS, transfers: Transfers, repo: str, scratch_branch: str, tmp_path: Path
 ) -> None:
     source = tmp_path / "short.bin"
     source.write_bytes(b"only 12 byte")
     fd = os.open(source, os.O_RDONLY)
     try:
         with pytest.raises(SourceChanged, match="ended at 12 of 4096 bytes"):
-            lakefs.upload(repo, scratch_branch, "up/short.bin", fd, 4096)
+            transfers.upload(repo, scratch_branch, "up/short.bin", fd, 4096)
         assert "up/short.bin" not in keys_at(lakefs, repo, scratch_branch, "up/")
-        lakefs.upload(repo, scratch_branch, "up/short.bin", fd, 12)  # the client still works
+        transfers.upload(repo, scratch_branch, "up/short.bin", fd, 12)  # the client still works
     finally:
         os.close(fd)
     assert read(lakefs, repo, scratch_branch, "up/short.bin", tmp_path) == b"only 12 byte"

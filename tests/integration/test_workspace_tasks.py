@@ -81,7 +81,7 @@ def test_demo_workflow_chains_three_tasks_through_output_workspace(
     start_worker: Any, lakefs: LakeFS, conductor: Conductor, tmp_path: Path
 ) -> None:
     if not lakefs.repository_exists("demo-chain"):
-        lakefs.create_repository("demo-chain", "local://demo-chain")
+        lakefs.create_repository("demo-chain")
     ref = seed(lakefs, "demo-chain", {"README": b"x"}, tmp_path)
     start_worker(demo_app)
     conductor.register_workflow(WORKFLOW)

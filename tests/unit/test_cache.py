@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from perago_worker import materialize as materialize_module
 from perago_worker.cache import ObjectCache
 from perago_worker.changes import FileSignature, Manifest, ManifestEntry, diff, scan
-from perago_worker.lakefs import ObjectInfo
+from perago_worker.lakefs import Downloaded, ObjectInfo
 from perago_worker.materialize import fs_clock, materialize, settle
 from perago_worker.settings import Settings
 
@@ -89,14 +89,17 @@ class FakeLakeFS:
             if key.startswith(prefix)
         ]
 
-    def download(
-        self, repository: str, ref: str, key: str, dest: Path, expected_size: int
-    ) -> os.stat_result:
+    @property
+    def transfers(self) -> FakeLakeFS:  # the data plane is this fake, too
+        return self
+
+    def download(self, repository: str, ref: str, obj: ObjectInfo, dest: Path) -> Downloaded:
         self.downloads += 1
+        data = self.commits[ref][obj.key].data
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, self.commits[ref][key].data)
-            return os.fstat(fd)
+            os.write(fd, data)
+            return Downloaded(os.fstat(fd), hashlib.sha256(data).hexdigest())
         finally:
             os.close(fd)
 

@@ -321,7 +321,9 @@ def test_operations_guide_lists_the_preflight_checks_in_the_order_they_run(
         raise ConnectionError("down")
 
     conductor = SimpleNamespace(get_task_defs=down, url="http://conductor.test/api")
-    lakefs = SimpleNamespace(_auth_api=down, call=down, endpoint="http://lakefs.test")
+    lakefs = SimpleNamespace(
+        auth=SimpleNamespace(get_current_user=down), call=down, endpoint="http://lakefs.test"
+    )
     settings = Settings(scratch_root=tmp_path, allowed_repositories=["NAME"], min_free_disk_mb=0)
     results = run_preflight(settings, None, lakefs, conductor, app_error="x")  # type: ignore[arg-type]
     section = OPERATIONS[OPERATIONS.index("## Troubleshooting") :]

@@ -1,7 +1,8 @@
 """`python -m perago_worker.devstack prepare|up|demo`.
 
-prepare  obtain (build or download, cached) lakeFS, lakectl, Conductor and Java; print timings
-up       start both servers on free loopback ports and keep them running until Ctrl-C
+prepare  obtain (build or download, cached) lakeFS, lakectl, Conductor, Java and VersityGW
+up       start the servers on free loopback ports and keep them running until Ctrl-C
+         (`--blockstore s3` puts lakeFS on a VersityGW S3 store, as in production)
 demo     the main job: stack + demo definitions + workflow + worker, one run end to end
 """
 
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from perago_worker.devstack import tools
+from perago_worker.devstack.servers import BLOCKSTORES
 
 
 def prepare() -> int:
@@ -21,6 +23,7 @@ def prepare() -> int:
         ("lakeFS + lakectl " + tools.LAKEFS_VERSION, tools.lakefs_binaries),
         ("Conductor " + tools.CONDUCTOR_VERSION, tools.conductor_jar),
         ("Java >= 21", tools.java_runtime),
+        ("VersityGW " + tools.VERSITYGW_VERSION, tools.versitygw_binary),
     ):
         started = time.monotonic()
         result = fn()
@@ -28,10 +31,10 @@ def prepare() -> int:
     return 0
 
 
-def up(workdir: Path) -> int:
+def up(workdir: Path, blockstore: str) -> int:
     from perago_worker.devstack.servers import running_stack
 
-    with running_stack(workdir) as stack:
+    with running_stack(workdir, blockstore=blockstore) as stack:
         print("# the stack is up; export these to point a worker or tests at it:")
         for key, value in stack.endpoints.as_env().items():
             print(f"export {key}={value}")
@@ -41,6 +44,12 @@ def up(workdir: Path) -> int:
         )
         print(f"export PERAGO_TEST_LAKEFS_ACCESS_KEY_ID={e.lakefs_access_key_id}")
         print(f"export PERAGO_TEST_LAKEFS_SECRET_ACCESS_KEY={e.lakefs_secret_access_key}")
+        if e.store is not None:
+            print(
+                f"export PERAGO_TEST_STORE_URL={e.store.url} PERAGO_TEST_STORE_BUCKET={e.store.bucket}"
+            )
+            print(f"export PERAGO_TEST_STORE_ACCESS_KEY_ID={e.store.access_key_id}")
+            print(f"export PERAGO_TEST_STORE_SECRET_ACCESS_KEY={e.store.secret_access_key}")
         print("# Ctrl-C stops both servers", flush=True)
         try:
             while True:
@@ -56,6 +65,7 @@ def main() -> int:
     sub.add_parser("prepare")
     up_p = sub.add_parser("up")
     up_p.add_argument("--dir", type=Path, default=None)
+    up_p.add_argument("--blockstore", choices=BLOCKSTORES, default="local")
     demo_p = sub.add_parser("demo")
     demo_p.add_argument("--dir", type=Path, default=None)
     demo_p.add_argument("--rows", type=int, default=1000)
@@ -64,7 +74,7 @@ def main() -> int:
         return prepare()
     workdir = args.dir or Path(tempfile.mkdtemp(prefix=f"perago-{args.command}-"))
     if args.command == "up":
-        return up(workdir)
+        return up(workdir, args.blockstore)
     from perago_worker.devstack.demo import run_demo
 
     return run_demo(workdir, rows=args.rows)

@@ -28,7 +28,7 @@ def register_app(conductor: Conductor, app: Worker, *, retries: int = 3) -> None
 
 def seed_repository(lakefs: LakeFS, name: str, workdir: Path) -> str:
     """A repository with one commit on `main`; returns that commit id."""
-    lakefs.create_repository(name, f"local://{name}")
+    lakefs.create_repository(name)
     readme = workdir / "README.txt"
     readme.write_text("perago demo repository\n")
     lakefs.upload(name, "main", "README.txt", readme)

