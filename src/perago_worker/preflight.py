@@ -33,7 +33,8 @@ import urllib3
 from perago_worker.app import Worker
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.tools import CONDUCTOR_VERSION as TESTED_CONDUCTOR
-from perago_worker.lakefs import LakeFS, LakeFSError, NotFound, Unauthorized
+from perago_worker.lakefs import DataPathUnavailable, LakeFS, LakeFSError, NotFound, Unauthorized
+from perago_worker.lakefs.presigned import PresignedTransfers
 from perago_worker.register import COMPATIBILITY_FIELDS, drift, task_def_for
 from perago_worker.settings import Settings
 from perago_worker.workspace import free_bytes
@@ -205,6 +206,10 @@ def run_preflight(
         results.append(Result(VERSION_CHECK, None, "skipped: Conductor unavailable"))
     results.append(lakefs_result)
     lakefs_ok = bool(lakefs_result.ok)
+    if lakefs_ok:
+        _step(results, DATA_PATH_CHECK, lambda: _data_path_mode(lakefs, settings))
+    else:
+        results.append(Result(DATA_PATH_CHECK, None, "skipped: lakeFS unavailable"))
 
     for repository in settings.allowed_repositories:
         name = f"repository {repository} readable and writable"
@@ -297,8 +302,45 @@ def _repository_probe(lakefs: LakeFS, repository: str) -> str:
         lakefs.create_branch(repository, probe, repo.default_branch, hidden=True)
     except LakeFSError as exc:
         raise RuntimeError(f"cannot create a branch in {repository!r}: {exc.message}") from None
-    lakefs.delete_branch(repository, probe)
-    return f"default branch {repo.default_branch}; branch create/delete ok"
+    try:
+        data_path = _data_path_probe(lakefs, repository, probe)
+    finally:
+        lakefs.delete_branch(repository, probe)
+    return f"default branch {repo.default_branch}; branch create/delete ok; {data_path}"
+
+
+DATA_PATH_CHECK = "object data path"
+
+
+def _data_path_mode(lakefs: LakeFS, settings: Settings) -> str:
+    try:
+        transfers = lakefs.transfers
+    except DataPathUnavailable as exc:
+        raise RuntimeError(exc.message) from None
+    how = (
+        "presigned, straight to the object store"
+        if transfers.mode == "presign"
+        else "the lakeFS API"
+    )
+    return f"lakefs.data_path {settings.lakefs.data_path}: object bodies travel by {how}"
+
+
+def _data_path_probe(lakefs: LakeFS, repository: str, branch: str) -> str:
+    """Which data path bodies take, and for presign, that the store's origin answers: a
+    worker that reaches lakeFS but not the store it presigns for (a `pre_signed_endpoint`
+    only reachable from elsewhere) would fail every transfer."""
+    try:
+        transfers = lakefs.transfers
+    except DataPathUnavailable as exc:
+        raise RuntimeError(exc.message) from None
+    if not isinstance(transfers, PresignedTransfers):
+        return "object bodies through the lakeFS API"
+    try:
+        origin = transfers.probe(repository, branch)
+    except LakeFSError as exc:
+        raise RuntimeError(f"presigned transfers unusable: {exc}") from None
+    multipart = "with" if transfers.multipart else "without"
+    return f"object bodies presigned, straight to the store at {origin} ({multipart} multipart)"
 
 
 def _scratch_probe(settings: Settings) -> str:

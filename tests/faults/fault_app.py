@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 import time
 import uuid
+from collections.abc import Iterator
 
 from pydantic import BaseModel
 
@@ -24,6 +26,15 @@ class FaultParams(BaseModel):
     nonce: str = ""
     # Also write `marks/<tag>/<random>.txt` naming this attempt: proof the handler ran.
     marker: bool = False
+    # Also write `big/<tag>.bin`: this many bytes of `big_chunks(tag, big)` (0: none).
+    big: int = 0
+
+
+def big_chunks(tag: str, size: int) -> Iterator[bytes]:
+    """`size` pseudo-random bytes seeded by `tag`, in 1 MiB pieces: no two parts alike."""
+    rng = random.Random(tag)
+    for start in range(0, size, 1 << 20):
+        yield rng.randbytes(min(1 << 20, size - start))
 
 
 class FaultResult(BaseModel):
@@ -44,6 +55,11 @@ def work(ctx: TaskContext, params: FaultParams) -> FaultResult:
     out.mkdir(parents=True, exist_ok=True)
     for i in range(params.files):
         (out / f"part-{i:04d}.txt").write_text(f"{params.tag}:{i}:".ljust(params.size, "x"))
+    if params.big:
+        (root / "big").mkdir(exist_ok=True)
+        with (root / "big" / f"{params.tag}.bin").open("wb") as big:
+            for chunk in big_chunks(params.tag, params.big):
+                big.write(chunk)
     if params.marker:
         marks = root / "marks" / params.tag
         marks.mkdir(parents=True, exist_ok=True)

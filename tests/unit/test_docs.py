@@ -399,3 +399,25 @@ def test_the_lakefs_request_timeout_bounds_control_and_data_plane_requests_as_do
         for conn in held:
             conn.close()
         server.close()
+
+
+# -- the data path: every number the docs quote is the presigned path's ------------------------
+
+
+def test_the_data_path_section_quotes_the_presigned_paths_thresholds_and_renewals() -> None:
+    from perago_worker.lakefs import presigned
+
+    section = DOC[DOC.index("## The data path") :]
+    mib = 1 << 20
+    quoted = [
+        f"files of {presigned.MULTIPART_THRESHOLD // mib} MiB and more",
+        f"in {presigned.PART_SIZE // mib} MiB parts, {presigned.PART_THREADS} at a time",
+        f"within {presigned.EXPIRY_MARGIN_SECONDS:.0f} s of its expiry",
+        f"its first {presigned.PART_URL_BATCH} part URLs",
+        f"older than\n  {presigned.URL_MAX_AGE_SECONDS / 60:.0f} minutes",
+        f"files over {presigned.SINGLE_PUT_MAX // (1024 * mib)} GiB",
+    ]
+    missing = [text for text in quoted if text not in section]
+    assert missing == []
+    ops = OPERATIONS[OPERATIONS.index("## The object store") :]
+    assert f"files over {presigned.SINGLE_PUT_MAX // (1024 * mib)} GiB go through the\n  API" in ops

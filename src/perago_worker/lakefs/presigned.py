@@ -385,3 +385,28 @@ class PresignedTransfers:
         if is_md5_etag(checksum) and "-" in checksum and checksum != expected:
             raise StoreError(502, f"{key}: the store assembled other parts (ETag {checksum})")
         return checksum
+
+    def probe(self, repository: str, branch: str) -> str:
+        """Can this worker reach the store lakeFS presigns for? One HEAD on a fresh upload
+        URL (any HTTP answer proves the route; nothing is written). Names only the origin."""
+        backing = self.api.route(
+            repository,
+            "branches",
+            branch,
+            "staging/backing",
+            path="perago-preflight",
+            presign="true",
+        )
+        staging = self.api.json("GET", backing)
+        url = str(staging.get("presigned_url") or "")
+        if not url:
+            raise StoreError(502, "lakeFS gave no presigned URL for an upload")
+        parts = urllib.parse.urlsplit(url)
+        try:
+            resp, _ = self._send("HEAD", url)
+            resp.read()
+        except OSError as exc:
+            raise StoreError(
+                503, f"cannot reach the object store at {parts.netloc}: {type(exc).__name__}"
+            ) from None
+        return f"{parts.scheme}://{parts.netloc}"
