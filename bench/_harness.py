@@ -114,6 +114,11 @@ class Bench:
     seed_commit: str = ""
     local: dict[str, Path] = field(default_factory=dict)  # set name -> local copy
     full_publish: dict[str, list[float]] = field(default_factory=dict)  # perago, per set
+    # The server processes when the harness started them (for their CPU time), and s5cmd.
+    lakefs_pid: int | None = None
+    store_pid: int | None = None
+    s5cmd: Path | None = None
+    clients: dict[str, LakeFS] = field(default_factory=dict)  # data path -> client
     _counter: int = 0
 
     # -- folders ------------------------------------------------------------------------
@@ -147,21 +152,57 @@ class Bench:
         }
 
     def lakectl_run(self, args: Sequence[str], *, timeout: float) -> str:
-        proc = subprocess.run(
-            [str(self.lakectl), *args],
-            env=self.lakectl_env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL,
+        return run_tool(self.lakectl, args, env=self.lakectl_env(), timeout=timeout)
+
+    # -- s5cmd (the s3 blockstore's bucket, no lakeFS in the path) -----------------------
+
+    def s5cmd_env(self) -> dict[str, str]:
+        store = self.endpoints.store
+        if store is None:
+            raise RuntimeError("s5cmd needs the s3 blockstore")
+        home = self.workdir / "s5cmd-home"  # no ~/.aws of the user's is read
+        home.mkdir(exist_ok=True)
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+            "AWS_ACCESS_KEY_ID": store.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": store.secret_access_key,
+            "AWS_REGION": "us-east-1",
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / "none"),
+            "AWS_CONFIG_FILE": str(home / "none"),
+        }
+
+    def s5cmd_run(self, args: Sequence[str], *, timeout: float) -> str:
+        """`s5cmd --endpoint-url STORE --numworkers P --log error ARGS`."""
+        if self.s5cmd is None or self.endpoints.store is None:
+            raise RuntimeError("s5cmd needs the s3 blockstore")
+        base = ["--endpoint-url", self.endpoints.store.url, "--numworkers", str(self.parallelism)]
+        return run_tool(
+            self.s5cmd, [*base, "--log", "error", *args], env=self.s5cmd_env(), timeout=timeout
         )
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"lakectl {' '.join(args)} failed ({proc.returncode}):\n"
-                f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+
+    def bucket_uri(self, path: str) -> str:
+        store = self.endpoints.store
+        if store is None:
+            raise RuntimeError("no bucket on the local blockstore")
+        return f"s3://{store.bucket}/{path}"
+
+    # -- perago on a chosen data path ----------------------------------------------------
+
+    def client(self, data_path: str) -> LakeFS:
+        """A LakeFS client on `data_path` (api, presign or auto), made once per run."""
+        if data_path not in self.clients:
+            e = self.endpoints
+            self.clients[data_path] = LakeFS(
+                e.lakefs_url,
+                e.lakefs_access_key_id,
+                e.lakefs_secret_access_key,
+                pool_size=self.parallelism,
+                data_path=data_path,
             )
-        return proc.stdout
+        return self.clients[data_path]
 
     def uri(self, ref: str, path: str = "") -> str:
         return f"lakefs://{self.repo}/{ref}/{path}" if path else f"lakefs://{self.repo}/{ref}"
@@ -169,6 +210,25 @@ class Bench:
     def timeout_for(self, nbytes: int) -> float:
         """A generous bound for moving `nbytes` through the local stack (>= 5 MiB/s)."""
         return 120 + nbytes / (5 * MiB)
+
+
+def run_tool(binary: Path, args: Sequence[str], *, env: dict[str, str], timeout: float) -> str:
+    """Run a CLI (lakectl, s5cmd) to completion; its stdout, or RuntimeError with the tails."""
+    proc = subprocess.run(
+        [str(binary), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{binary.name} {' '.join(args)} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
+    return proc.stdout
 
 
 # -- data ---------------------------------------------------------------------------------

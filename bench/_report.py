@@ -75,6 +75,7 @@ class Section:
     method: str
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)  # Markdown tables after the rows
 
 
 # -- formatting ---------------------------------------------------------------------------
@@ -116,6 +117,8 @@ def render_section(section: Section, *, runs: bool) -> str:
         if runs:
             cells += [fmt_runs(row.perago, row.unit), fmt_runs(row.ref, row.unit)]
         lines.append("| " + " | ".join(cells) + " |")
+    for table in section.tables:
+        lines += ["", table.rstrip("\n")]
     for note in section.notes:
         lines += ["", f"- {note}"]
     return "\n".join(lines) + "\n"
@@ -190,6 +193,23 @@ def _lakefs_version(b: Bench) -> str:
     return f"{tools.LAKEFS_VERSION} (built from the Go module; the server reports {reported!r})"
 
 
+def _store_rows(b: Bench) -> list[tuple[str, str]]:
+    from perago_worker.devstack import tools
+
+    if b.endpoints.store is None:
+        return [("blockstore", "local (lakeFS keeps objects in a folder; no presigned URLs)")]
+    rows = [
+        (
+            "blockstore",
+            f"s3: VersityGW {tools.VERSITYGW_VERSION} (posix backend, built from its Go module) "
+            f"on loopback, path-style, bucket {b.endpoints.store.bucket}",
+        )
+    ]
+    if b.s5cmd is not None:
+        rows.append(("s5cmd", f"{tools.S5CMD_VERSION} (built from its Go module)"))
+    return rows
+
+
 def _conductor_version(b: Bench) -> str:
     root = b.endpoints.conductor_url
     try:
@@ -252,6 +272,7 @@ def machine(b: Bench) -> list[tuple[str, str]]:
         ("load average at start", ", ".join(f"{x:.2f}" for x in load)),
         ("Python", f"{platform.python_implementation()} {sys.version.split()[0]}"),
         ("lakeFS and lakectl", _lakefs_version(b)),
+        *_store_rows(b),
         ("Conductor", _conductor_version(b)),
         ("Java", _java_version()),
         (

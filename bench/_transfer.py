@@ -48,8 +48,13 @@ def mib_per_s(nbytes: int, seconds: float) -> str:
 # -- materialize --------------------------------------------------------------------------
 
 
-def perago_materialize(b: Bench, ds: DataSet, dest: Path) -> None:
-    materialize(b.lakefs, b.repo, b.seed_commit, ds.prefix, dest, concurrency=b.parallelism)
+Measure = Callable[[Callable[[], Any]], tuple[float, Any]]
+
+
+def perago_materialize(b: Bench, ds: DataSet, dest: Path, data_path: str | None = None) -> None:
+    """`materialize` with the run's client, or one on `data_path` (api, presign)."""
+    lakefs = b.lakefs if data_path is None else b.client(data_path)
+    materialize(lakefs, b.repo, b.seed_commit, ds.prefix, dest, concurrency=b.parallelism)
 
 
 def lakectl_download(b: Bench, ds: DataSet, dest: Path) -> None:
@@ -86,33 +91,58 @@ def sdk_loop(b: Bench, ds: DataSet, dest: Path) -> None:
         after = page.pagination.next_offset
 
 
+DOWNLOADERS: dict[str, Callable[[Bench, DataSet, Path], None]] = {
+    "perago": perago_materialize,
+    "presign": partial(perago_materialize, data_path="presign"),
+    "api": partial(perago_materialize, data_path="api"),
+    "lakectl": lakectl_download,
+    "sdk": sdk_loop,
+}
+
+
+def lakectl_path(b: Bench) -> str:
+    """How lakectl moves bodies on this stack (it presigns whenever the server can)."""
+    if b.endpoints.blockstore == "local":
+        return (
+            "the local blockstore has no pre-signed URLs, so lakectl streams through the "
+            "lakeFS API like perago"
+        )
+    return "lakectl presigns on the s3 blockstore (`--pre-sign` defaults to true)"
+
+
+def materialize_once(
+    b: Bench,
+    tool: str,
+    ds: DataSet,
+    download: Callable[[Bench, DataSet, Path], None] | None = None,
+    measure: Measure = timed,
+) -> float:
+    """One timed download of the set into a fresh folder, checked and then removed."""
+    dest = b.fresh_dir(f"mat-{tool}-{ds.name}")
+    settle()
+    seconds, _ = measure(partial(download or DOWNLOADERS[tool], b, ds, dest))
+    check_tree(dest, ds, f"{tool} materialize of {ds.name}")
+    discard(dest)
+    log(f"materialize {ds.name} {tool}: {seconds:.3f}s")
+    return seconds
+
+
 def case_materialize(b: Bench) -> Section:
     section = Section(
         "1. Materialize",
         f"Download every object under the set's prefix at the seed commit into an empty "
         f"folder. perago: `materialize(concurrency={b.parallelism})`; lakectl: `lakectl fs "
-        f"download --recursive --parallelism {b.parallelism}` (the local blockstore has no "
-        f"pre-signed URLs, so lakectl streams through the lakeFS API like perago; its process "
+        f"download --recursive --parallelism {b.parallelism}` ({lakectl_path(b)}; its process "
         f"start is included); SDK loop: one thread, `list_objects` pages then "
         f"`ObjectsApi.get_object` per object, bytes written to a file.",
     )
-    tools: dict[str, Callable[[Bench, DataSet, Path], None]] = {
-        "perago": perago_materialize,
-        "lakectl": lakectl_download,
-        "sdk": sdk_loop,
-    }
+    tools = ("perago", "lakectl", "sdk")
     for name in TRANSFER_SETS:
         ds = b.sets[name]
         times: dict[str, list[float]] = {t: [] for t in tools}
         for rep in range(b.repeat):
-            for tool in rotated(list(tools), rep):
-                dest = b.fresh_dir(f"mat-{tool}-{name}")
-                settle()
-                seconds, _ = timed(partial(tools[tool], b, ds, dest))
-                check_tree(dest, ds, f"{tool} materialize of {name}")
-                discard(dest)
-                times[tool].append(seconds)
-                log(f"materialize {name} {tool} #{rep + 1}: {seconds:.3f}s")
+            for tool in rotated(tools, rep):
+                times[tool].append(materialize_once(b, tool, ds))
         speed = mib_per_s(ds.total, median(times["perago"]))
         section.rows.append(
             Row(
@@ -146,13 +176,17 @@ def case_materialize(b: Bench) -> Section:
 # -- publish ------------------------------------------------------------------------------
 
 
-def perago_publish(b: Bench, prefix: str, root: Path, target: str) -> int:
-    """scan + diff + stage (creates the hidden staging branch, uploads) + commit + merge."""
+def perago_publish(
+    b: Bench, prefix: str, root: Path, target: str, data_path: str | None = None
+) -> int:
+    """scan + diff + stage (creates the hidden staging branch, uploads) + commit + merge,
+    with the run's client or one on `data_path` (api, presign)."""
+    lakefs = b.lakefs if data_path is None else b.client(data_path)
     scanned = scan(root)
     changes = diff({}, scanned)
     staging = target + "-staging"
     stage(
-        b.lakefs,
+        lakefs,
         b.repo,
         b.seed_commit,
         staging,
@@ -162,8 +196,8 @@ def perago_publish(b: Bench, prefix: str, root: Path, target: str) -> int:
         scanned=scanned,
         concurrency=b.parallelism,
     )
-    commit_staged(b.lakefs, b.repo, staging, "bench: publish", PROVENANCE)
-    b.lakefs.merge(b.repo, staging, target, "bench: publish", PROVENANCE)
+    commit_staged(lakefs, b.repo, staging, "bench: publish", PROVENANCE)
+    lakefs.merge(b.repo, staging, target, "bench: publish", PROVENANCE)
     return len(changes.uploads)
 
 
@@ -202,17 +236,22 @@ def check_published(b: Bench, target: str, prefix: str, ds: DataSet, what: str) 
         )
 
 
-def publish_once(b: Bench, tool: str, ds: DataSet) -> float:
+def publisher(b: Bench, tool: str, ds: DataSet) -> Callable[[str, Path, str], object]:
+    """(prefix, root, target) -> publish with `tool`: perago (the run's client), presign,
+    api (perago on that data path) or lakectl."""
+    if tool == "lakectl":
+        return partial(lakectl_publish, b, nbytes=ds.total)
+    return partial(perago_publish, b, data_path=None if tool == "perago" else tool)
+
+
+def publish_once(b: Bench, tool: str, ds: DataSet, measure: Measure = timed) -> float:
     """One timed full publish of the set's local copy as new files on a new target branch."""
     target = b.unique(f"pub-{tool}-{ds.name}")
     b.lakefs.create_branch(b.repo, target, b.seed_commit, hidden=False)  # not measured
     prefix = f"published/{ds.name}/"
     root = b.local[ds.name]
     settle()
-    if tool == "perago":
-        seconds, _ = timed(partial(perago_publish, b, prefix, root, target))
-    else:
-        seconds, _ = timed(partial(lakectl_publish, b, prefix, root, target, ds.total))
+    seconds, _ = measure(partial(publisher(b, tool, ds), prefix, root, target))
     check_published(b, target, prefix, ds, f"{tool} publish of {ds.name}")
     log(f"publish {ds.name} {tool}: {seconds:.3f}s")
     return seconds

@@ -1,6 +1,7 @@
 """Benchmarks of perago-worker against lakectl, the raw lakeFS SDK and a bare Conductor worker.
 
     .venv/bin/python bench/run.py [--quick] [--repeat N] [--only CASE] [--out FILE]
+                                  [--blockstore local|s3]
 
 Starts a real local stack (lakeFS + Conductor on loopback ports, data in a temporary folder),
 seeds the data sets once (not measured), runs the cases and prints, for each, perago's
@@ -12,6 +13,7 @@ machine, the command line and the tables. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import shutil
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import FrameType
 
+from _datapath import case_datapath
 from _harness import (
     TRANSFER_SETS,
     Bench,
@@ -39,10 +42,10 @@ from _report import Section, machine, render_report, render_section, targets_sum
 from _tasks import case_tasks
 from _transfer import case_cache, case_incremental, case_materialize, case_memory, case_publish
 from perago_worker.conductor import Conductor
-from perago_worker.devstack.servers import Endpoints, Stack, start_stack
+from perago_worker.devstack.servers import BLOCKSTORES, Endpoints, Stack, StoreEndpoint, start_stack
 from perago_worker.lakefs import LakeFS
 
-CASES = ("materialize", "publish", "incremental", "tasks", "memory", "cache")
+CASES = ("materialize", "publish", "incremental", "tasks", "memory", "cache", "datapath")
 # Which seeded sets each case reads, and which local copies it needs besides.
 READS = {
     "materialize": set(TRANSFER_SETS),
@@ -51,6 +54,7 @@ READS = {
     "tasks": set(),
     "memory": {"huge"},
     "cache": {"small"},
+    "datapath": set(TRANSFER_SETS),
 }
 LOCAL = {
     "materialize": set(),
@@ -59,6 +63,7 @@ LOCAL = {
     "tasks": set(),
     "memory": {"huge"},
     "cache": set(),
+    "datapath": set(TRANSFER_SETS),
 }
 
 
@@ -97,6 +102,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "the servers' data and every local copy, so it decides the disk measured",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument(
+        "--blockstore",
+        choices=BLOCKSTORES,
+        help="lakeFS's blockstore for the stack the harness starts: local (default) or s3 (an "
+        "S3-compatible VersityGW store, presigned transfers); with --stack-from-env it comes "
+        "from the environment (PERAGO_TEST_STORE_URL set means s3)",
+    )
     parser.add_argument(
         "--deadline-minutes",
         type=float,
@@ -137,6 +149,9 @@ def disk_estimate(args: argparse.Namespace) -> int:
         need += 2 * args.repeat * total(TRANSFER_SETS)
     if "incremental" in args.cases and "publish" not in args.cases:
         need += args.repeat * total(("small", "medium"))
+    if "datapath" in args.cases:  # every lakeFS tool's publish stays; s5cmd's is removed
+        tools = 3 if args.blockstore == "s3" else 2
+        need += tools * args.repeat * total(TRANSFER_SETS) + total(TRANSFER_SETS)
     if "memory" in args.cases:
         need += args.repeat * sets["huge"].total + 2 * sets["huge"].total
     need += max(sets[n].total for n in TRANSFER_SETS)  # one materialized copy at a time
@@ -154,6 +169,14 @@ def endpoints_from_env() -> tuple[Endpoints, Path]:
             lakefs_secret_access_key=env["PERAGO_TEST_LAKEFS_SECRET_ACCESS_KEY"],
             conductor_url=env["PERAGO_TEST_CONDUCTOR_URL"],
         )
+        if env.get("PERAGO_TEST_STORE_URL"):
+            store = StoreEndpoint(
+                env["PERAGO_TEST_STORE_URL"],
+                env["PERAGO_TEST_STORE_ACCESS_KEY_ID"],
+                env["PERAGO_TEST_STORE_SECRET_ACCESS_KEY"],
+                env.get("PERAGO_TEST_STORE_BUCKET") or "perago-dev",
+            )
+            endpoints = dataclasses.replace(endpoints, store=store)
     except KeyError as exc:
         raise SystemExit(f"--stack-from-env: {exc.args[0]} is not set") from None
     return endpoints, tools.lakefs_binaries().lakectl
@@ -181,6 +204,7 @@ def run_cases(b: Bench, args: argparse.Namespace) -> list[Section]:
         "tasks": lambda: case_tasks(b, sequential=args.sequential, burst=args.burst),
         "memory": lambda: case_memory(b),
         "cache": lambda: case_cache(b),
+        "datapath": lambda: case_datapath(b),
     }
     sections = []
     for case in args.cases:
@@ -195,6 +219,14 @@ def run_cases(b: Bench, args: argparse.Namespace) -> list[Section]:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    if args.stack_from_env:
+        from_env = "s3" if os.environ.get("PERAGO_TEST_STORE_URL") else "local"
+        if args.blockstore not in (None, from_env):
+            raise SystemExit(
+                f"--blockstore {args.blockstore}, but the stack in the environment is {from_env}"
+            )
+        args.blockstore = from_env
+    args.blockstore = args.blockstore or "local"
     command = shlex.join([os.path.relpath(sys.executable), sys.argv[0], *argv])
     for var in ("NO_PROXY", "no_proxy"):  # every client here talks to loopback, never a proxy
         os.environ[var] = "127.0.0.1,localhost"
@@ -215,10 +247,16 @@ def main(argv: Sequence[str]) -> int:
             endpoints, lakectl = endpoints_from_env()
             repo = f"bench-{uuid.uuid4().hex[:8]}"
         else:
-            stack = start_stack(workdir / "stack", log=lambda m: log(m.removeprefix("[devstack] ")))
+            stack = start_stack(
+                workdir / "stack",
+                blockstore=args.blockstore,
+                log=lambda m: log(m.removeprefix("[devstack] ")),
+            )
             endpoints, lakectl, repo = stack.endpoints, stack.lakectl, "bench"
         require_loopback(endpoints.lakefs_url)
         require_loopback(endpoints.conductor_url)
+        if endpoints.store is not None:
+            require_loopback(endpoints.store.url)
         lakefs = LakeFS(
             endpoints.lakefs_url,
             endpoints.lakefs_access_key_id,
@@ -237,6 +275,13 @@ def main(argv: Sequence[str]) -> int:
             parallelism=args.parallelism,
             quick=args.quick,
         )
+        if stack is not None:
+            b.lakefs_pid = stack.lakefs.proc.pid if stack.lakefs.proc else None
+            b.store_pid = stack.store.proc.pid if stack.store and stack.store.proc else None
+        if endpoints.store is not None and "datapath" in args.cases:
+            from perago_worker.devstack import tools
+
+            b.s5cmd = tools.s5cmd_binary()
         machine_rows = machine(b)
         lakefs.create_repository(repo)
         reads = set().union(*(READS[c] for c in args.cases), *(LOCAL[c] for c in args.cases))
@@ -254,6 +299,7 @@ def main(argv: Sequence[str]) -> int:
         if args.out:
             settings = [
                 ("cases", ", ".join(args.cases)),
+                ("blockstore", args.blockstore),
                 ("repeats", str(args.repeat)),
                 ("transfer parallelism", f"{args.parallelism} (perago concurrency = lakectl -p)"),
                 ("data sets", "; ".join(f"{s.name}: {s.label}" for s in sets.values())),

@@ -387,7 +387,8 @@ class LakeFS:
             prefix = self.storage_config().default_namespace_prefix
             if not prefix:
                 raise LakeFSError(400, "no storage namespace given and the server has no default")
-            storage_namespace = prefix.rstrip("/") + "/" + name
+            # "local://" + name, "s3://bucket/" + name, "s3://bucket/repos" + "/" + name
+            storage_namespace = prefix + name if prefix.endswith("/") else f"{prefix}/{name}"
         self.call(
             self.repos.create_repository,
             lakefs_sdk.RepositoryCreation(
