@@ -12,18 +12,17 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fault_app import big_chunks
 
 from conftest import Harness
-from fault_app import big_chunks
 from perago_testing import seed, suffix
-from perago_worker.devstack.demo import wait_for_workflow
 from perago_worker.devstack.servers import ServerProcess, Stack
 from perago_worker.devstack.worker_process import WorkerProcess
-from perago_worker.lakefs.presigned import MULTIPART_THRESHOLD, MIB
+from perago_worker.lakefs.presigned import MIB, MULTIPART_THRESHOLD
 
 pytestmark = pytest.mark.faults
 
@@ -63,8 +62,7 @@ def happened(worker: WorkerProcess, event: str) -> bool:
     return any(line.get("event") == event for line in worker.events())
 
 
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    assert callable(predicate)
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -95,10 +93,13 @@ def test_store_restarted_mid_download_merges_exactly_once(
     # One transfer thread: the download of the inputs lasts long enough to be cut.
     worker = harness.worker("w", PERAGO_TRANSFER_CONCURRENCY="1")
     case = harness.start("slow", ref=ref)
-    arrived = lambda: list(harness.scratch.glob("*/ws/many/*.bin"))  # noqa: E731
-    wait_for(lambda: arrived(), 60, "a first input downloaded")
+
+    def arrived() -> int:
+        return len(list(harness.scratch.glob("*/ws/many/*.bin")))
+
+    wait_for(arrived, 60, "a first input downloaded")
     kill(store)
-    assert len(arrived()) < count, "the download ended before the store was killed"
+    assert arrived() < count, "the download ended before the store was killed"
     time.sleep(OUTAGE_SECONDS)
     revive(store)
     assert store_retries(worker) > 0
@@ -117,23 +118,25 @@ def many_inputs(harness: Harness, tmp_path: Path, count: int) -> str:
 def test_store_down_past_the_retry_budget_fails_the_attempt_and_the_retry_publishes_once(
     harness: Harness, store: ServerProcess
 ) -> None:
-    # Fewer files than transfer threads: each is in flight at once, so the attempt gives up
-    # one retry budget (12 tries, about 40 s) after the store went down.
-    worker = harness.worker("w")
-    case = harness.start("slow", files=8, size=64 * 1024, first_attempt_sleep=2)
-    harness.wait_event(worker, "materialize.done")  # the handler sleeps: the stage is next
-    kill(store)
-    first = harness.wait_task(case, lambda t: t.retry_count >= 1 or t.status == "FAILED", 90)
+    # As many files as transfer threads: none waits for a thread, so every upload meets the
+    # outage in flight and gives up one retry budget (12 tries, about 40 s) after the kill.
+    # (A file that started later would spend a budget of its own before the attempt fails.)
+    worker = harness.worker("w", PERAGO_TRANSFER_CONCURRENCY="32")
+    case = harness.start("slow", files=32, size=2 * MIB)
+    harness.wait_event(worker, "post_check.done")
+    kill(store)  # and down until the attempt gives up
+    assert not happened(worker, "stage.done"), "the stage ended before the store was killed"
+    harness.wait_task(case, lambda t: t.retry_count >= 1 or t.status == "FAILED", 90)
     failed = harness.conductor.get_workflow(case.workflow_id).tasks[0]
     assert failed.status == "FAILED", failed.status  # retryable, not FAILED_WITH_TERMINAL_ERROR
     assert failed.reason_for_incompletion.startswith("infrastructure: "), failed
     assert harness.commits_since(case.branch, case.input_ref) == []
-    assert first is not None
     revive(store)
     run = harness.verify(case)
-    assert run.tasks[-1].retry_count >= 1
-    merge = harness.lakefs.get_commit(harness.repo, run.tasks[-1].output_data["workspace"]["ref"])
-    assert merge.metadata["perago.task_id"] != failed.task_id
+    retry = run.tasks[-1]
+    assert retry.retry_count >= 1 and retry.task_id != failed.task_id
+    merge = harness.lakefs.get_commit(harness.repo, retry.output_data["workspace"]["ref"])
+    assert merge.metadata["perago.task_id"] == retry.task_id
 
 
 def test_store_killed_mid_multipart_upload_merges_the_exact_bytes_once(
@@ -151,7 +154,7 @@ def test_store_killed_mid_multipart_upload_merges_the_exact_bytes_once(
     assert not happened(worker, "stage.done"), "the stage ended before the store was killed"
     time.sleep(OUTAGE_SECONDS)
     revive(store)
-    run = wait_for_workflow(harness.conductor, case.workflow_id, 180)
+    run = harness.verify(case)
     final = run.tasks[-1].output_data["workspace"]["ref"]
     [listed] = [o for page in harness.lakefs.list_objects(harness.repo, final, key) for o in page]
     assert listed.size == size
@@ -161,7 +164,6 @@ def test_store_killed_mid_multipart_upload_merges_the_exact_bytes_once(
     for chunk in big_chunks(case.params["tag"], size):
         expected.update(chunk)
     assert got.sha256 == expected.hexdigest()
-    harness.verify(case)
 
 
 def multipart_parts(store_data: Path) -> list[Path]:
