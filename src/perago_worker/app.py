@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args
 
@@ -71,7 +71,8 @@ class WorkspaceSpec:
             )
 
 
-Handler = Callable[[TaskContext, Any], BaseModel]
+# A plain `def` returning the result model, or an `async def` whose coroutine does.
+Handler = Callable[[TaskContext, Any], BaseModel | Awaitable[BaseModel]]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -93,6 +94,11 @@ class TaskSpec:
     app_path: str | None = None
 
     @property
+    def is_async(self) -> bool:
+        """An `async def` handler: it runs on the worker's event loop (see `invocation`)."""
+        return inspect.iscoroutinefunction(self.fn)
+
+    @property
     def qualname(self) -> str:
         return f"{self.fn.__module__}.{self.fn.__qualname__}"
 
@@ -105,12 +111,9 @@ def _models_from_hints(
     name: str, fn: Callable[..., Any]
 ) -> tuple[type[BaseModel], type[BaseModel]]:
     where = f"task {name!r} ({getattr(fn, '__qualname__', fn)!r})"
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        # Registered, it would fail every task as `invalid_result` (the coroutine is never
-        # awaited). Issue 14 makes async handlers first-class; until then, refuse them here.
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
         raise RegistrationError(
-            f"{where}: `async def` handlers are not supported yet; write a plain `def` "
-            "(call your coroutine with asyncio.run(...) inside it if you must)"
+            f"{where}: a handler returns its result once; a generator (`yield`) cannot be one"
         )
     params = list(inspect.signature(fn).parameters.values())
     if len(params) != 2:
