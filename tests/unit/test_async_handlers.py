@@ -218,3 +218,12 @@ def test_a_cancellation_reaches_an_async_handler_in_a_child_process() -> None:
     with pytest.raises(Cancelled, match="lease lost"):
         run(ctx, spec=SPEC, do="sleep", seconds=30)
     assert time.monotonic() - started < invocation.CANCEL_GRACE_SECONDS  # it stopped itself
+
+
+def test_the_handlers_guide_quotes_the_grace_and_the_loops_heartbeat() -> None:
+    from pathlib import Path
+
+    guide = (Path(__file__).parents[2] / "docs" / "handlers.md").read_text()
+    section = guide[guide.index("## Async handlers") :]
+    assert f"is given {loop_module.CANCEL_GRACE_SECONDS:.0f} s, then abandoned" in section
+    assert loop_module.BEAT_SECONDS == 1.0 and "stamps a heartbeat every\n  second" in section
