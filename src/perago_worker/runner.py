@@ -221,8 +221,10 @@ class Runner:
         self._threads: list[threading.Thread] = []
         self._loop_beat: Heartbeat | None = None
         self._slots = {
-            name: threading.BoundedSemaphore(self.settings.concurrency_for(name))
-            for name in app.tasks
+            name: threading.BoundedSemaphore(
+                self.settings.concurrency_for(name, spec.options.concurrency)
+            )
+            for name, spec in app.tasks.items()
         }
         # Process-isolated handlers must be importable by a child: refused here, not per task.
         invocation.prepare(app.tasks.values(), self.settings)

@@ -21,4 +21,7 @@ def timeout_for(spec: TaskSpec, settings: Settings) -> float:
         return spec.timeout_seconds
     if settings.task_timeout_seconds is not None:
         return settings.task_timeout_seconds
+    override = settings.task_options.get(spec.name)
+    if override is not None and override.total_timeout_seconds is not None:
+        return float(override.total_timeout_seconds)
     return float(spec.conductor_timeout_seconds)
