@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args
 
@@ -27,6 +27,59 @@ TASK_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 # that can be killed at the deadline.
 Isolation = Literal["thread", "process"]
 ISOLATIONS: tuple[str, ...] = get_args(Isolation)
+# Conductor's retry policies (TaskDef.retryLogic).
+RetryLogic = Literal["FIXED", "EXPONENTIAL_BACKOFF", "LINEAR_BACKOFF"]
+RETRY_LOGICS: tuple[str, ...] = get_args(RetryLogic)
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """What a data engineer decides per task, next to its handler (`@app.task(...)`).
+
+    `register` writes them into the task definition; the `task_options` setting overrides
+    any of them per environment; None leaves the worker's default (see docs/handlers.md,
+    "Per-task options").
+    """
+
+    concurrency: int | None = None  # attempts in flight per worker process
+    retries: int | None = None  # retryCount
+    retry_logic: RetryLogic | None = None  # retryLogic
+    retry_delay_seconds: int | None = None  # retryDelaySeconds
+    total_timeout_seconds: int | None = None  # timeoutSeconds: when Conductor gives up
+    rate_limit_per_frequency: int | None = None  # rateLimitPerFrequency (0: unlimited)
+    rate_limit_frequency_seconds: int | None = None  # rateLimitFrequencyInSeconds
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, each naming its option (empty: nothing)."""
+        found = []
+        for name in ("concurrency", "total_timeout_seconds", "rate_limit_frequency_seconds"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                found.append(f"{name} must be a whole number >= 1, got {value!r}")
+        for name in ("retries", "retry_delay_seconds", "rate_limit_per_frequency"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                found.append(f"{name} must be a whole number >= 0, got {value!r}")
+        if self.retry_logic is not None and self.retry_logic not in RETRY_LOGICS:
+            found.append(
+                f"retry_logic must be one of {', '.join(RETRY_LOGICS)}, got {self.retry_logic!r}"
+            )
+        return found
+
+    def over(self, base: TaskOptions) -> TaskOptions:
+        """These options where set, `base`'s elsewhere."""
+        return TaskOptions(
+            **{
+                f.name: getattr(self, f.name)
+                if getattr(self, f.name) is not None
+                else getattr(base, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
 
 
 def conductor_timeout_seconds(response_timeout_seconds: int) -> int:
@@ -71,7 +124,8 @@ class WorkspaceSpec:
             )
 
 
-Handler = Callable[[TaskContext, Any], BaseModel]
+# A plain `def` returning the result model, or an `async def` whose coroutine does.
+Handler = Callable[[TaskContext, Any], BaseModel | Awaitable[BaseModel]]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -88,9 +142,15 @@ class TaskSpec:
     description: str
     timeout_seconds: float | None = None  # None: the settings default (`task_timeout_seconds`)
     isolation: Isolation | None = None  # None: the settings default (`task_isolation`)
+    options: TaskOptions = TaskOptions()  # concurrency, retries, timeouts, rate limit
     # The `module:attribute` the app was loaded from (set by `load_app`): a child process
     # finds the handler through it when the function is not importable by its own name.
     app_path: str | None = None
+
+    @property
+    def is_async(self) -> bool:
+        """An `async def` handler: it runs on the worker's event loop (see `invocation`)."""
+        return inspect.iscoroutinefunction(self.fn)
 
     @property
     def qualname(self) -> str:
@@ -98,6 +158,10 @@ class TaskSpec:
 
     @property
     def conductor_timeout_seconds(self) -> int:
+        """When Conductor gives up on the task: `total_timeout_seconds` when the task sets
+        one, else max(3600, 4 x response timeout)."""
+        if self.options.total_timeout_seconds is not None:
+            return self.options.total_timeout_seconds
         return conductor_timeout_seconds(self.response_timeout_seconds)
 
 
@@ -105,12 +169,9 @@ def _models_from_hints(
     name: str, fn: Callable[..., Any]
 ) -> tuple[type[BaseModel], type[BaseModel]]:
     where = f"task {name!r} ({getattr(fn, '__qualname__', fn)!r})"
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        # Registered, it would fail every task as `invalid_result` (the coroutine is never
-        # awaited). Issue 14 makes async handlers first-class; until then, refuse them here.
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
         raise RegistrationError(
-            f"{where}: `async def` handlers are not supported yet; write a plain `def` "
-            "(call your coroutine with asyncio.run(...) inside it if you must)"
+            f"{where}: a handler returns its result once; a generator (`yield`) cannot be one"
         )
     params = list(inspect.signature(fn).parameters.values())
     if len(params) != 2:
@@ -159,6 +220,12 @@ class Worker:
         description: str = "",
         timeout: float | None = None,
         isolation: Isolation | None = None,
+        concurrency: int | None = None,
+        retries: int | None = None,
+        retry_logic: RetryLogic | None = None,
+        retry_delay_seconds: int | None = None,
+        total_timeout_seconds: int | None = None,
+        rate_limit: tuple[int, int] | None = None,
     ) -> Callable[[F], F]:
         """Register `fn` as the handler of Conductor task type `name`.
 
@@ -168,6 +235,11 @@ class Worker:
         `timeout` (seconds) bounds each attempt up to the start of its publish; `isolation`
         says where the handler runs (`"thread"` or `"process"`, see docs/handlers.md,
         "Deadlines and isolation"). Either defaults to the worker's settings.
+
+        `concurrency` (attempts in flight per worker process), `retries`, `retry_logic`,
+        `retry_delay_seconds`, `total_timeout_seconds` (when Conductor gives up on the task)
+        and `rate_limit` (`(tasks, per_seconds)`, Conductor's rate limit) are registered
+        into the task definition by `register`; the `task_options` setting overrides them.
         """
         import re
 
@@ -198,6 +270,31 @@ class Worker:
             raise RegistrationError(
                 f"task {name!r}: timeout must be a number of seconds > 0, got {timeout!r}"
             )
+        if rate_limit is not None and (not isinstance(rate_limit, tuple) or len(rate_limit) != 2):
+            raise RegistrationError(
+                f"task {name!r}: rate_limit must be (tasks, per_seconds), got {rate_limit!r}"
+            )
+        options = TaskOptions(
+            concurrency=concurrency,
+            retries=retries,
+            retry_logic=retry_logic,
+            retry_delay_seconds=retry_delay_seconds,
+            total_timeout_seconds=total_timeout_seconds,
+            rate_limit_per_frequency=None if rate_limit is None else rate_limit[0],
+            rate_limit_frequency_seconds=None if rate_limit is None else rate_limit[1],
+        )
+        if problems := options.problems():
+            raise RegistrationError(f"task {name!r}: " + "; ".join(problems))
+        if (
+            total_timeout_seconds is not None
+            and timeout is not None
+            and timeout + response_timeout_seconds > total_timeout_seconds
+        ):
+            raise RegistrationError(
+                f"task {name!r}: total_timeout_seconds {total_timeout_seconds} must leave room "
+                f"for the attempt's timeout ({timeout:g} s) and one response timeout "
+                f"({response_timeout_seconds} s) for its publish"
+            )
         if isolation is not None and isolation not in ISOLATIONS:
             raise RegistrationError(
                 f"task {name!r}: isolation must be one of {', '.join(ISOLATIONS)}, "
@@ -218,6 +315,7 @@ class Worker:
                 description=description or (inspect.getdoc(fn) or "").split("\n")[0],
                 timeout_seconds=None if timeout is None else float(timeout),
                 isolation=isolation,
+                options=options,
             )
             return fn
 

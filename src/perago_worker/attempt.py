@@ -11,12 +11,13 @@ Conductor update (or, for a zombie, into silence).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -25,7 +26,7 @@ from perago_worker import faultpoints, fences, invocation, publish
 from perago_worker._version import __version__
 from perago_worker.app import TaskSpec
 from perago_worker.cache import ObjectCache
-from perago_worker.changes import Manifest, Unpublishable, diff, scan
+from perago_worker.changes import ChangeSet, Manifest, Unpublishable, diff, scan
 from perago_worker.checks import Check, run_checks
 from perago_worker.conductor import Conductor
 from perago_worker.context import AttemptWorkspace, Cancelled, TaskContext
@@ -75,6 +76,99 @@ class _Stale(Exception):
 def _zombie(reason: str) -> Outcome:
     """A superseded attempt's end: it must not report (its update could overwrite the live one)."""
     return Outcome(Status.FAILED, reason=reason, kind="zombie", report=False)
+
+
+# -- the handler step, shared with `perago_worker.testing` ------------------------------------
+# What happens between the materialized workspace and the publish is the same whether the
+# files came from lakeFS (an attempt) or from a local folder (a handler's unit test).
+
+
+def validate_params(spec: TaskSpec, raw: dict[str, Any]) -> BaseModel:
+    """The task's params as its model; `bad_params` (terminal) naming each field otherwise."""
+    try:
+        return spec.params_model.model_validate(raw)
+    except ValidationError as exc:
+        raise TaskFailure(
+            FailureKind.BAD_PARAMS, describe_validation_error(exc, "params")
+        ) from None
+
+
+def call_handler(
+    spec: TaskSpec, ctx: TaskContext, params: BaseModel, settings: Settings, log: Any
+) -> dict[str, Any]:
+    """Run the handler where its task says (`invocation`); its result as the contract's JSON,
+    or the `TaskFailure` what it did maps to (`Cancelled` is raised as it is)."""
+    try:
+        returned = invocation.run_handler(spec, ctx, params, settings)
+    except TerminalError as exc:
+        raise TaskFailure(FailureKind.HANDLER_TERMINAL, f"{exc}") from None
+    except invocation.DeadlineExceeded as exc:
+        timeout = invocation.timeout_for(spec, settings)
+        raise TaskFailure(
+            FailureKind.TIMED_OUT,
+            f"the attempt passed its deadline of {timeout:g} s while the handler ran; "
+            f"{exc}; nothing was published",
+        ) from None
+    except Cancelled:
+        raise
+    except TaskFailure:
+        raise
+    except Exception as exc:
+        if log is not None:
+            log.warning(
+                "handler.raised", error=invocation.describe(exc), traceback=invocation.trace_of(exc)
+            )
+        raise TaskFailure(FailureKind.HANDLER_ERROR, invocation.describe(exc)) from None
+    try:
+        if isinstance(returned, spec.result_model):
+            model = spec.result_model.model_validate(returned.model_dump())
+        else:
+            model = spec.result_model.model_validate(returned)
+    except ValidationError as exc:
+        raise TaskFailure(
+            FailureKind.INVALID_RESULT,
+            f"handler returned a value that fails {spec.result_model.__name__}: "
+            + describe_validation_error(exc, "result"),
+        ) from None
+    return model.model_dump(mode="json")
+
+
+def raise_check_failures(failures: list[Any], kind: FailureKind, side: str) -> None:
+    if failures:
+        raise TaskFailure(kind, f"{side} workspace failed: " + "; ".join(map(str, failures)))
+
+
+def require_distinct_inputs(
+    manifest: Manifest, prefix: str, settings: Settings, where: str
+) -> None:
+    """Refuse (`unsafe_key`) two input keys one workspace cannot hold as two files."""
+    try:
+        distinct_names(
+            (relative_to_key(rel, prefix) for rel in manifest),
+            case_insensitive=settings.portable_names,
+        )
+    except UnsafeKey as exc:
+        raise TaskFailure(
+            FailureKind.UNSAFE_KEY, f"{exc}; a workspace cannot hold both as two files ({where})"
+        ) from None
+
+
+def publishable_changes(
+    spec: TaskSpec, manifest: Manifest, root: Path, settings: Settings
+) -> tuple[dict[PurePosixPath, os.stat_result], ChangeSet]:
+    """What the handler left, as the scan saw it, and the change set a publish would upload
+    and delete; `unpublishable` when the folder holds what cannot be published."""
+    assert spec.workspace is not None
+    try:
+        scanned = scan(root)
+        distinct_names(
+            (rel.as_posix() for rel in scanned),
+            case_insensitive=settings.portable_names,
+            what="files",
+        )
+        return scanned, diff(manifest, scanned, root, verify=spec.workspace.verify)
+    except (Unpublishable, UnsafeKey) as exc:
+        raise TaskFailure(FailureKind.UNPUBLISHABLE, f"{exc}; nothing was published") from None
 
 
 class Attempt:
@@ -175,51 +269,12 @@ class Attempt:
             ) from None
 
     def _params(self, raw: dict[str, Any]) -> BaseModel:
-        try:
-            return self.spec.params_model.model_validate(raw)
-        except ValidationError as exc:
-            raise TaskFailure(
-                FailureKind.BAD_PARAMS, describe_validation_error(exc, "params")
-            ) from None
+        return validate_params(self.spec, raw)
 
     def _handle(self, params: BaseModel) -> dict[str, Any]:
         """Run the handler where its task says (`invocation`) and check what it returned."""
-        settings = self.deps.settings
         with self.phase("handler"):
-            try:
-                returned = invocation.run_handler(self.spec, self.ctx, params, settings)
-            except TerminalError as exc:
-                raise TaskFailure(FailureKind.HANDLER_TERMINAL, f"{exc}") from None
-            except invocation.DeadlineExceeded as exc:
-                timeout = invocation.timeout_for(self.spec, settings)
-                raise TaskFailure(
-                    FailureKind.TIMED_OUT,
-                    f"the attempt passed its deadline of {timeout:g} s while the handler ran; "
-                    f"{exc}; nothing was published",
-                ) from None
-            except Cancelled:
-                raise
-            except TaskFailure:
-                raise
-            except Exception as exc:
-                self.log.warning(
-                    "handler.raised",
-                    error=invocation.describe(exc),
-                    traceback=invocation.trace_of(exc),
-                )
-                raise TaskFailure(FailureKind.HANDLER_ERROR, invocation.describe(exc)) from None
-        try:
-            if isinstance(returned, self.spec.result_model):
-                model = self.spec.result_model.model_validate(returned.model_dump())
-            else:
-                model = self.spec.result_model.model_validate(returned)
-        except ValidationError as exc:
-            raise TaskFailure(
-                FailureKind.INVALID_RESULT,
-                f"handler returned a value that fails {self.spec.result_model.__name__}: "
-                + describe_validation_error(exc, "result"),
-            ) from None
-        return model.model_dump(mode="json")
+            return call_handler(self.spec, self.ctx, params, self.deps.settings, self.log)
 
     # -- workspace tasks ----------------------------------------------------------------
 
@@ -316,17 +371,9 @@ class Attempt:
             metrics.FILES.labels(task_type=spec.name, direction="down").inc(mstats.files)
             metrics.BYTES.labels(task_type=spec.name, direction="down").inc(mstats.bytes)
             metrics.CACHE_HITS.labels(task_type=spec.name).inc(mstats.cached_files)
-            try:
-                distinct_names(
-                    (relative_to_key(rel, prefix) for rel in manifest),
-                    case_insensitive=settings.portable_names,
-                )
-            except UnsafeKey as exc:
-                raise TaskFailure(
-                    FailureKind.UNSAFE_KEY,
-                    f"{exc}; a workspace cannot hold both as two files "
-                    f"(repository {ws.repository!r} at {ws.ref[:12]})",
-                ) from None
+            require_distinct_inputs(
+                manifest, prefix, settings, f"repository {ws.repository!r} at {ws.ref[:12]}"
+            )
 
             self._checks("pre_check", spec.pre, FailureKind.PRE_CHECK, "input")
             ctx.check_cancelled()
@@ -336,18 +383,7 @@ class Attempt:
             self._checks("post_check", spec.post, FailureKind.POST_CHECK, "output")
             staged: str | None = None
             with self.phase("stage") as figures:
-                try:
-                    scanned = scan(root)
-                    distinct_names(
-                        (rel.as_posix() for rel in scanned),
-                        case_insensitive=settings.portable_names,
-                        what="files",
-                    )
-                    changes = diff(manifest, scanned, root, verify=spec.workspace.verify)
-                except (Unpublishable, UnsafeKey) as exc:
-                    raise TaskFailure(
-                        FailureKind.UNPUBLISHABLE, f"{exc}; nothing was published"
-                    ) from None
+                scanned, changes = publishable_changes(spec, manifest, root, settings)
                 figures["changes"] = changes.summary()
                 if not changes.empty:
                     staged_branch_made = True
@@ -539,8 +575,7 @@ class Attempt:
         with self.phase(phase) as figures:
             failures = run_checks(checks, self.ctx.workspace.root)
             figures["failed"] = len(failures)
-        if failures:
-            raise TaskFailure(kind, f"{side} workspace failed: " + "; ".join(map(str, failures)))
+        raise_check_failures(failures, kind, side)
 
     def _feed_cache(self, manifest: Manifest, root: Path) -> None:
         """Materialized files nobody touched become cache entries (hard-linked, not copied).

@@ -167,16 +167,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from perago_worker.register import drift, task_def_for
+    from perago_worker.register import describe_options, drift, task_def_for
 
     settings = load_settings(args.config)
     app = load_worker(args.app)
     _, conductor = clients(settings)
     current = {d.name: d for d in conductor.get_task_defs()}
-    plans = [(task_def_for(spec, retries=args.retries), spec) for spec in app.tasks.values()]
-    for desired, _spec in plans:
+    plans = [
+        (task_def_for(spec, retries=args.retries, settings=settings), spec)
+        for spec in app.tasks.values()
+    ]
+    for desired, spec in plans:
         d = drift(desired, current.get(desired.name))
         print(d.describe())
+        if args.dry_run:
+            print("    " + describe_options(spec, settings, desired))
         if args.dry_run or d.action == "ok":
             continue
         if d.action == "create":

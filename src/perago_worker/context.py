@@ -62,6 +62,7 @@ class TaskContext:
     _publishing: bool = False
     _timed_out: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _on_cancel: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
     def workspace(self) -> AttemptWorkspace:
@@ -93,6 +94,21 @@ class TaskContext:
         if not self.cancel_event.is_set():
             self.cancel_reason = reason
             self.cancel_event.set()
+            for callback in self._on_cancel:
+                callback()
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once when the attempt is cancelled (at once if it already is).
+
+        How a cancellation reaches a handler that is not polling `check_cancelled`: an async
+        handler's asyncio task is cancelled through it. It runs on the thread that cancels,
+        under the context's lock: it must not block or call back into the context.
+        """
+        with self._lock:
+            if not self.cancel_event.is_set():
+                self._on_cancel.append(callback)
+                return
+        callback()
 
     def expire(self, reason: str) -> bool:
         """The deadline passed: cancel the attempt unless it has begun to publish.

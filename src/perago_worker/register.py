@@ -7,16 +7,20 @@ per handler, carrying JSON schemas of the input (`workspace` + `params`) and out
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conductor.client.http.models.schema_def import SchemaDef
 from conductor.client.http.models.task_def import TaskDef
 from pydantic import BaseModel
 
-from perago_worker.app import TaskSpec, Worker
+from perago_worker.app import TaskOptions, TaskSpec, Worker
 from perago_worker.contract import WorkspaceRef
+
+if TYPE_CHECKING:
+    from perago_worker.settings import Settings
 
 MANAGED_FIELDS = (
     "description",
@@ -26,6 +30,8 @@ MANAGED_FIELDS = (
     "response_timeout_seconds",
     "timeout_seconds",
     "timeout_policy",
+    "rate_limit_per_frequency",
+    "rate_limit_frequency_in_seconds",
     "input_keys",
     "output_keys",
 )
@@ -63,23 +69,72 @@ def output_schema(spec: TaskSpec) -> dict[str, Any]:
     return _envelope(spec, "result", spec.result_model)
 
 
-def task_def_for(spec: TaskSpec, *, owner_email: str = DEFAULT_OWNER, retries: int = 3) -> TaskDef:
+# What a definition gets for an option neither the decorator nor the settings set.
+DEFAULT_OPTIONS = TaskOptions(
+    retries=3,
+    retry_logic="EXPONENTIAL_BACKOFF",
+    retry_delay_seconds=1,
+    rate_limit_per_frequency=0,
+    rate_limit_frequency_seconds=1,
+)
+
+
+def effective_options(
+    spec: TaskSpec, settings: Settings | None = None, *, retries: int | None = None
+) -> TaskOptions:
+    """Pure: the options a definition gets: the `task_options` setting, then the decorator,
+    then `retries` (register's `--retries`), then DEFAULT_OPTIONS."""
+    override = TaskOptions()
+    if settings is not None and spec.name in settings.task_options:
+        override = TaskOptions(**settings.task_options[spec.name].model_dump())
+    fallback = TaskOptions(retries=retries).over(DEFAULT_OPTIONS)
+    return override.over(spec.options).over(fallback)
+
+
+def options_sources(spec: TaskSpec, settings: Settings | None) -> dict[str, str]:
+    """Where each effective option comes from: `settings`, `code` or `default`."""
+    override = settings.task_options.get(spec.name) if settings is not None else None
+    sources = {}
+    for name in (f.name for f in dataclasses.fields(TaskOptions)):
+        if override is not None and getattr(override, name) is not None:
+            sources[name] = "settings"
+        elif getattr(spec.options, name) is not None:
+            sources[name] = "code"
+        else:
+            sources[name] = "default"
+    return sources
+
+
+def task_def_for(
+    spec: TaskSpec,
+    *,
+    owner_email: str = DEFAULT_OWNER,
+    retries: int = 3,
+    settings: Settings | None = None,
+) -> TaskDef:
     keys = ["workspace", "params"] if spec.workspace is not None else ["params"]
     out_keys = ["workspace", "result"] if spec.workspace is not None else ["result"]
+    options = effective_options(spec, settings, retries=retries)
+    total = (
+        options.total_timeout_seconds
+        if options.total_timeout_seconds is not None
+        else spec.conductor_timeout_seconds
+    )
     return TaskDef(
         name=spec.name,
         description=f"{spec.description or spec.qualname} {MARK}",
-        retry_count=retries,
-        retry_logic="EXPONENTIAL_BACKOFF",
-        retry_delay_seconds=1,
+        retry_count=options.retries,
+        retry_logic=options.retry_logic,
+        retry_delay_seconds=options.retry_delay_seconds,
         response_timeout_seconds=spec.response_timeout_seconds,
         # Conductor must not time the task out before the attempt's own deadline (plus one
         # response timeout for the publish after it): a `timeout=` beyond the default wins.
         timeout_seconds=max(
-            spec.conductor_timeout_seconds,
-            math.ceil(spec.timeout_seconds or 0) + spec.response_timeout_seconds,
+            total, math.ceil(spec.timeout_seconds or 0) + spec.response_timeout_seconds
         ),
         timeout_policy="RETRY",
+        rate_limit_per_frequency=options.rate_limit_per_frequency,
+        rate_limit_frequency_in_seconds=options.rate_limit_frequency_seconds,
         input_keys=keys,
         output_keys=out_keys,
         owner_email=owner_email,
@@ -91,6 +146,31 @@ def task_def_for(spec: TaskSpec, *, owner_email: str = DEFAULT_OWNER, retries: i
         ),
         enforce_schema=False,
     )
+
+
+def describe_options(spec: TaskSpec, settings: Settings | None, definition: TaskDef) -> str:
+    """One line of a task's effective options and where each comes from (`register
+    --dry-run`): `retries=5 (settings)`, `concurrency=2 (code)`, ..."""
+    sources = options_sources(spec, settings)
+    concurrency = (
+        settings.concurrency_for(spec.name, spec.options.concurrency)
+        if settings is not None
+        else spec.options.concurrency
+    )
+    if settings is not None and spec.name in settings.concurrency_per_task:
+        sources["concurrency"] = "settings"
+    values = {
+        "concurrency": concurrency,
+        "retries": definition.retry_count,
+        "retry_logic": definition.retry_logic,
+        "retry_delay_seconds": definition.retry_delay_seconds,
+        "response_timeout_seconds": definition.response_timeout_seconds,
+        "total_timeout_seconds": definition.timeout_seconds,
+        "rate_limit_per_frequency": definition.rate_limit_per_frequency,
+        "rate_limit_frequency_seconds": definition.rate_limit_frequency_in_seconds,
+    }
+    sources.setdefault("response_timeout_seconds", "code")
+    return ", ".join(f"{k}={v} ({sources.get(k, 'default')})" for k, v in values.items())
 
 
 @dataclass(frozen=True)

@@ -219,9 +219,12 @@ class Runner:
         self._inflight: dict[str, InFlight] = {}
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._loop_beat: Heartbeat | None = None
         self._slots = {
-            name: threading.BoundedSemaphore(self.settings.concurrency_for(name))
-            for name in app.tasks
+            name: threading.BoundedSemaphore(
+                self.settings.concurrency_for(name, spec.options.concurrency)
+            )
+            for name, spec in app.tasks.items()
         }
         # Process-isolated handlers must be importable by a child: refused here, not per task.
         invocation.prepare(app.tasks.values(), self.settings)
@@ -259,6 +262,15 @@ class Runner:
             beat.thread = thread
             thread.start()
             self._threads.append(thread)
+        if any(invocation.runs_on_loop(spec, self.settings) for spec in self.app.tasks.values()):
+            # The async handlers' loop, stamped from the loop itself: one blocked by a
+            # handler (synchronous I/O in `async def`) stops stamping and fails liveness.
+            loop_beat = self.lifecycle.watch(
+                Heartbeat("async handler loop", invocation.loop.BEAT_SECONDS)
+            )
+            invocation.loop.LOOP.acquire(loop_beat.stamp)
+            loop_beat.thread = invocation.loop.LOOP.thread
+            self._loop_beat = loop_beat
         beat = self.lifecycle.watch(Heartbeat("lease keeper", LEASE_TICK_SECONDS))
         keeper = threading.Thread(
             target=self._guarded, args=(beat, self._lease_loop), name="lease-keeper", daemon=True
@@ -347,6 +359,9 @@ class Runner:
         aborted = self._abort_leftovers()
         self._stopped.set()
         killed = invocation.stop_children()  # handler processes of aborted attempts
+        if self._loop_beat is not None:  # async handlers of aborted attempts end with it
+            invocation.loop.LOOP.release(self._loop_beat.stamp)
+            self._loop_beat = None
         if not failed:
             self.lifecycle.set("stopped")
         self.log.info("worker.stopped", aborted=aborted, handler_processes_killed=killed)

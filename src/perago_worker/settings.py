@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
     field_validator,
@@ -48,6 +49,20 @@ class LakeFSSettings(BaseModel):
     def _strip_api(cls, value: str) -> str:
         value = value.rstrip("/")
         return value.removesuffix("/api/v1")
+
+
+class TaskOptionsSetting(BaseModel):
+    """Per-environment overrides of a task's options (`@app.task(...)`); None keeps the code's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrency: int | None = Field(None, ge=1)
+    retries: int | None = Field(None, ge=0)
+    retry_logic: Literal["FIXED", "EXPONENTIAL_BACKOFF", "LINEAR_BACKOFF"] | None = None
+    retry_delay_seconds: int | None = Field(None, ge=0)
+    total_timeout_seconds: int | None = Field(None, ge=1)
+    rate_limit_per_frequency: int | None = Field(None, ge=0)
+    rate_limit_frequency_seconds: int | None = Field(None, ge=1)
 
 
 class ConductorSettings(BaseModel):
@@ -112,6 +127,12 @@ class Settings(BaseSettings):
 
     concurrency: int = Field(4, ge=1, description="Attempts in flight per task type")
     concurrency_per_task: dict[str, int] = Field(default_factory=dict)
+    task_options: dict[str, TaskOptionsSetting] = Field(
+        default_factory=dict,
+        description="Per task type, overrides of the options its decorator declares "
+        "(concurrency, retries, retry_logic, retry_delay_seconds, total_timeout_seconds, "
+        "rate limit)",
+    )
     poll_batch: int = Field(4, ge=1, le=100)
     poll_timeout_ms: int = Field(2000, ge=0, le=5000)
     lease_factor: float = Field(0.5, gt=0, le=0.8)
@@ -217,8 +238,15 @@ class Settings(BaseSettings):
             )
         return self
 
-    def concurrency_for(self, task_type: str) -> int:
-        return self.concurrency_per_task.get(task_type, self.concurrency)
+    def concurrency_for(self, task_type: str, declared: int | None = None) -> int:
+        """Slots of a task type: `concurrency_per_task`, then `task_options`, then what its
+        decorator declares (`declared`), then `concurrency`."""
+        if task_type in self.concurrency_per_task:
+            return self.concurrency_per_task[task_type]
+        override = self.task_options.get(task_type)
+        if override is not None and override.concurrency is not None:
+            return override.concurrency
+        return declared if declared is not None else self.concurrency
 
     def repository_allowed(self, repository: str) -> bool:
         return not self.allowed_repositories or repository in self.allowed_repositories

@@ -44,3 +44,25 @@ def read_config(ctx: TaskContext, params: ConfigParams) -> ConfigResult:
     value = ctx.config(params.key)
     ctx.log.info("handler.read_config", key=params.key, value=value)  # masked if a secret
     return ConfigResult(sha256=hashlib.sha256(value.encode()).hexdigest())
+
+
+class Options(BaseModel):
+    pass
+
+
+class Optioned(BaseModel):
+    ok: bool
+
+
+@app.task(
+    f"opsopts_{S}",
+    concurrency=2,
+    retries=5,
+    retry_logic="FIXED",
+    retry_delay_seconds=7,
+    total_timeout_seconds=4000,
+    rate_limit=(10, 60),
+)
+def optioned(ctx: TaskContext, params: Options) -> Optioned:
+    """Declares every per-task option its definition gets."""
+    return Optioned(ok=True)

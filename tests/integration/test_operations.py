@@ -114,6 +114,41 @@ def test_register_creates_definitions_with_json_schemas(
     assert f"opsws_{S}: up to date" in again.stdout
 
 
+def test_register_writes_the_options_a_task_declares_into_its_definition(
+    registered: None, conductor: Conductor
+) -> None:
+    defined = {d.name: d for d in conductor.get_task_defs()}[f"opsopts_{S}"]
+    assert (defined.retry_count, defined.retry_logic, defined.retry_delay_seconds) == (
+        5,
+        "FIXED",
+        7,
+    )
+    assert defined.timeout_seconds == 4000
+    assert (defined.rate_limit_per_frequency, defined.rate_limit_frequency_in_seconds) == (10, 60)
+
+
+def test_settings_override_a_declared_option_and_dry_run_says_where_each_comes_from(
+    registered: None, env: dict[str, str], conductor: Conductor
+) -> None:
+    overrides = json.dumps({f"opsopts_{S}": {"retries": 9, "concurrency": 3}})
+    result = cli({**env, "PERAGO_TASK_OPTIONS": overrides}, "register", APP, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    at = lines.index(f"~ opsopts_{S}: retry_count: 5 -> 9")
+    assert lines[at + 1].split(", ") == [
+        "    concurrency=3 (settings)",
+        "retries=9 (settings)",
+        "retry_logic=FIXED (code)",
+        "retry_delay_seconds=7 (code)",
+        "response_timeout_seconds=300 (code)",
+        "total_timeout_seconds=4000 (code)",
+        "rate_limit_per_frequency=10 (code)",
+        "rate_limit_frequency_seconds=60 (code)",
+    ]
+    defined = {d.name: d for d in conductor.get_task_defs()}[f"opsopts_{S}"]
+    assert defined.retry_count == 5  # a dry run changes nothing
+
+
 def test_check_passes_against_the_local_stack(env: dict[str, str], registered: None) -> None:
     result = cli(env, "check", APP)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -80,16 +80,13 @@ def assert_failed(run: Any, status: str, *fragments: str) -> str:
 def test_demo_workflow_chains_three_tasks_through_output_workspace(
     start_worker: Any, lakefs: LakeFS, conductor: Conductor, tmp_path: Path
 ) -> None:
-    if not lakefs.repository_exists("demo-chain"):
-        lakefs.create_repository("demo-chain")
-    ref = seed(lakefs, "demo-chain", {"README": b"x"}, tmp_path)
+    repo = new_repository(lakefs, "demo-chain")  # fresh: a reused stack keeps old ones
+    ref = seed(lakefs, repo, {"README": b"x"}, tmp_path)
     start_worker(demo_app)
     conductor.register_workflow(WORKFLOW)
     run = wait_for_workflow(
         conductor,
-        conductor.start_workflow(
-            WORKFLOW["name"], {"workspace": workspace("demo-chain", ref), "rows": 50}
-        ),
+        conductor.start_workflow(WORKFLOW["name"], {"workspace": workspace(repo, ref), "rows": 50}),
     )
 
     assert run.status == "COMPLETED"
@@ -97,14 +94,12 @@ def test_demo_workflow_chains_three_tasks_through_output_workspace(
     assert out["summary"]["total"] == 50
     assert sum(out["counts"].values()) == 50
     final = out["workspace"]["ref"]
-    assert out["workspace"] == workspace("demo-chain", final)
-    assert lakefs.branch_head("demo-chain", "main") == final
-    commit = lakefs.get_commit("demo-chain", final)
+    assert out["workspace"] == workspace(repo, final)
+    assert lakefs.branch_head(repo, "main") == final
+    commit = lakefs.get_commit(repo, final)
     assert commit.metadata["perago.task_type"] == "demo_transform"
     assert commit.metadata["perago.workflow_id"] == run.workflow_id
-    assert {"data/raw/events.jsonl", "data/curated/by_kind.json"} <= keys_at(
-        lakefs, "demo-chain", final
-    )
+    assert {"data/raw/events.jsonl", "data/curated/by_kind.json"} <= keys_at(lakefs, repo, final)
     ingest, transform = (t for t in run.tasks if t.reference_task_name in ("ingest", "transform"))
     assert transform.input_data["workspace"] == ingest.output_data["workspace"]
 

@@ -327,21 +327,23 @@ def test_check_cancelled_raises_with_first_reason() -> None:
 # --- deadlines, isolation, async handlers ------------------------------------------------
 
 
-def test_registration_refuses_an_async_handler_naming_the_reason() -> None:
+def test_an_async_handler_registers_with_its_models_and_is_marked_async() -> None:
     async def handler(ctx: TaskContext, params: Params) -> Result:
         return Result(total=0)
 
     worker = Worker()
-    with pytest.raises(RegistrationError, match=r"'t'.*`async def` handlers are not supported"):
-        worker.task("t")(handler)
-    assert worker.tasks == {}
+    worker.task("t")(handler)
+    spec = worker.tasks["t"]
+    assert spec.is_async and (spec.params_model, spec.result_model) == (Params, Result)
+    worker.task("s")(good_handler)
+    assert not worker.tasks["s"].is_async
 
 
 def test_registration_refuses_an_async_generator_handler() -> None:
     async def handler(ctx: TaskContext, params: Params) -> Result:  # type: ignore[misc]
         yield Result(total=0)
 
-    with pytest.raises(RegistrationError, match="async def"):
+    with pytest.raises(RegistrationError, match=r"'t'.*a generator \(`yield`\) cannot be one"):
         Worker().task("t")(handler)
 
 

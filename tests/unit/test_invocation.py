@@ -200,7 +200,7 @@ def test_a_deadline_after_a_lost_lease_is_not_a_timeout() -> None:
 
     spec = dataclasses.replace(THREAD_SPEC, fn=stuck)
     with pytest.raises(Cancelled, match="lease lost"):
-        invocation._in_thread(spec, ctx, Script())
+        invocation.threads.run_in_thread(spec, ctx, Script())
     release.set()
     assert not ctx.timed_out
 

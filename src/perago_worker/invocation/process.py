@@ -1,37 +1,8 @@
-"""How a handler runs: in a thread, or in a child process with a deadline.
-
-`run_handler` is the one entry point (`Attempt._handle` calls it); each task chooses with
-`@app.task(isolation=..., timeout=...)`, or takes the settings defaults (`task_isolation`,
-`task_timeout_seconds`). The deadline is `ctx.deadline`, set by the runner when the task was
-polled; it bounds the whole attempt up to the start of its publish (`ctx.begin_publish`), so
-here it bounds the handler.
-
-* **thread** (the default): the handler runs on a thread of the worker process. Without a
-  deadline it runs on the attempt's own thread. With one, on a thread of its own that the
-  attempt waits for until the deadline; past it the attempt is cancelled (`ctx.expire`) and
-  the thread is *abandoned*: Python cannot stop a thread, so a handler that never calls
-  `ctx.check_cancelled()` runs on, keeping its CPU, memory and open files, while the attempt
-  reports `timed_out` and frees its slot. Abandoned threads still running are counted
-  (`perago_abandoned_handler_threads`, `/status`).
-* **process**: the handler runs in a child process started by multiprocessing's
-  `forkserver` (`spawn` where there is none; a plain fork of this threaded process could
-  inherit a lock held by another thread). The child leads a process group of its own,
-  resolves the handler by import path (the app path `load_app` was given, else the
-  function's module and qualified name), and gets the params as JSON, the workspace root,
-  the context's ids and configuration values, and cancellation over a pipe. It sends back
-  the result, or the exception's type, message and traceback (`TerminalError` and
-  `Cancelled` keep their meaning). At the deadline the whole group is killed with SIGKILL,
-  so the slot is freed whatever the handler does; a crash, an `os._exit` or an out-of-memory
-  kill of the child fails the attempt (`handler_error`, retryable) and leaves the worker
-  alone. When the handler has answered, its group is killed too: no thread or process it
-  started can touch the workspace after the result. A cancellation that is not the deadline
-  (lost lease, drain) is passed to the child, which gets `CANCEL_GRACE_SECONDS` to stop on
-  its own before it is killed. The cost is a process start per attempt (measured in
-  docs/performance.md, "Process isolation").
-"""
+"""The process room: a handler in a child process, killed at its deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import multiprocessing
@@ -41,16 +12,18 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydantic import BaseModel
 
-from perago_worker.app import Isolation, RegistrationError, TaskSpec, _models_from_hints, load_app
+from perago_worker.app import RegistrationError, TaskSpec, _models_from_hints, load_app
 from perago_worker.context import AttemptWorkspace, Cancelled, TaskContext, UnknownConfigKey
 from perago_worker.contract import FailureKind, TaskFailure, TerminalError
+from perago_worker.invocation.errors import DeadlineExceeded, HandlerDied, HandlerRaised
+from perago_worker.invocation.policy import isolation_for
 from perago_worker.observability import logging as plog
 
 if TYPE_CHECKING:
@@ -65,155 +38,6 @@ CANCEL_GRACE_SECONDS = 5.0
 # How long a child that has answered may take to exit before its group is killed anyway.
 EXIT_GRACE_SECONDS = 1.0
 _POLL_SECONDS = 0.25  # how often a waiting attempt looks at its cancellation
-
-
-class DeadlineExceeded(Exception):
-    """The attempt's deadline passed while its handler ran; the handler was stopped."""
-
-    def __init__(self, message: str, *, abandoned: bool) -> None:
-        super().__init__(message)
-        self.abandoned = abandoned  # a thread still running (thread mode), not killed
-
-
-class HandlerRaised(Exception):
-    """What a handler in a child process raised: its type's name, message and traceback."""
-
-    def __init__(self, type_name: str, message: str, trace: str) -> None:
-        super().__init__(message)
-        self.type_name = type_name
-        self.message = message
-        self.trace = trace
-
-
-class HandlerDied(Exception):
-    """The child process ended without an answer: a crash, a signal, `os._exit`, OOM."""
-
-
-def isolation_for(spec: TaskSpec, settings: Settings) -> Isolation:
-    return spec.isolation or settings.task_isolation
-
-
-def timeout_for(spec: TaskSpec, settings: Settings) -> float:
-    """The attempt's deadline in seconds from its poll: the task's, the settings', or the
-    definition's own `timeoutSeconds` (Conductor times the task out then anyway)."""
-    if spec.timeout_seconds is not None:
-        return spec.timeout_seconds
-    if settings.task_timeout_seconds is not None:
-        return settings.task_timeout_seconds
-    return float(spec.conductor_timeout_seconds)
-
-
-def describe(exc: BaseException) -> str:
-    """`Type: message` of what the handler raised, wherever it ran."""
-    if isinstance(exc, HandlerRaised):
-        return f"{exc.type_name}: {exc.message}"
-    if isinstance(exc, HandlerDied):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def trace_of(exc: BaseException) -> str:
-    """The traceback to log: the child's own for a handler that raised in a child."""
-    if isinstance(exc, HandlerRaised):
-        return exc.trace
-    return "".join(traceback.format_exception(exc, limit=8))
-
-
-def run_handler(spec: TaskSpec, ctx: TaskContext, params: BaseModel, settings: Settings) -> Any:
-    """Run the handler the way its task asks; return what it returned, or raise what it
-    raised (`DeadlineExceeded` at the deadline, `HandlerRaised`/`HandlerDied` from a child)."""
-    if ctx.deadline is not None and time.monotonic() >= ctx.deadline:
-        ctx.expire("the attempt passed its deadline")  # then it is not started at all
-    ctx.check_cancelled()
-    if isolation_for(spec, settings) == "process":
-        return _in_process(spec, ctx, params, settings)
-    return _in_thread(spec, ctx, params)
-
-
-# -- thread ------------------------------------------------------------------------------------
-
-
-class _Abandoned:
-    """Handler threads left running past their deadline: a thread cannot be killed."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._running = 0
-
-    def count(self) -> int:
-        with self._lock:
-            return self._running
-
-    def adopt(self) -> None:
-        from perago_worker.observability import metrics
-
-        with self._lock:
-            self._running += 1
-        metrics.ABANDONED_THREADS.inc()
-
-    def release(self) -> None:
-        from perago_worker.observability import metrics
-
-        with self._lock:
-            self._running -= 1
-        metrics.ABANDONED_THREADS.dec()
-
-
-ABANDONED = _Abandoned()
-
-
-def abandoned_threads() -> int:
-    """Handler threads abandoned at a deadline that have not returned yet (this process)."""
-    return ABANDONED.count()
-
-
-def _in_thread(spec: TaskSpec, ctx: TaskContext, params: BaseModel) -> Any:
-    if ctx.deadline is None:
-        return spec.fn(ctx, params)  # no deadline: nothing to wait for but the handler
-    lock = threading.Lock()
-    box: dict[str, Any] = {}
-    done = threading.Event()
-    state = {"abandoned": False}
-
-    def target() -> None:
-        try:
-            box["value"] = spec.fn(ctx, params)
-        except BaseException as exc:  # handed to the attempt thread, which maps it
-            box["error"] = exc
-        finally:
-            with lock:
-                done.set()
-                abandoned = state["abandoned"]
-            if abandoned:
-                ABANDONED.release()
-                if ctx.log is not None:
-                    ctx.log.warning("handler.abandoned_returned")
-
-    thread = threading.Thread(target=target, name=f"handler-{ctx.task_id[:8]}", daemon=True)
-    thread.start()
-    done.wait(max(0.0, ctx.deadline - time.monotonic()))
-    with lock:
-        finished = done.is_set()
-        if not finished:
-            state["abandoned"] = True
-    if not finished:
-        ctx.expire("the attempt passed its deadline")
-        ABANDONED.adopt()
-        if ctx.log is not None:
-            ctx.log.warning("handler.abandoned", thread=thread.name)
-        if not ctx.timed_out:  # cancelled before, for another reason (lost lease, drain)
-            raise Cancelled(ctx.cancel_reason or "attempt cancelled")
-        raise DeadlineExceeded(
-            "its thread was abandoned and may still be running (a thread cannot be killed; "
-            "isolation='process' kills the handler instead)",
-            abandoned=True,
-        )
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-# -- process -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -305,7 +129,7 @@ _CONTEXT_FIELDS = (
 
 _MP_LOCK = threading.Lock()
 _MP: BaseContext | None = None
-_PRELOAD: set[str] = {"perago_worker.invocation"}
+_PRELOAD: set[str] = {"perago_worker.invocation.process"}
 _CHILDREN: dict[int, BaseProcess] = {}  # by id(): the handler processes running now
 
 
@@ -388,7 +212,7 @@ def _call_for(spec: TaskSpec, ctx: TaskContext, params: BaseModel, settings: Set
     )
 
 
-def _in_process(spec: TaskSpec, ctx: TaskContext, params: BaseModel, settings: Settings) -> Any:
+def run_in_process(spec: TaskSpec, ctx: TaskContext, params: BaseModel, settings: Settings) -> Any:
     call = _call_for(spec, ctx, params, settings)
     mp = _mp()
     ours, theirs = mp.Pipe(duplex=True)
@@ -513,6 +337,8 @@ def _child_main(conn: Connection, call: _Call) -> None:
     reply: tuple[Any, ...]
     try:
         returned = fn(ctx, params)
+        if asyncio.iscoroutine(returned):
+            returned = _run_here(returned, ctx)
     except TerminalError as exc:
         reply = ("terminal", str(exc))
     except Cancelled as exc:
@@ -526,6 +352,27 @@ def _child_main(conn: Connection, call: _Call) -> None:
         conn.send(reply)
     except Exception as exc:  # not picklable: nothing was written yet
         conn.send(("unsendable", f"{type(reply[-1]).__name__}: {exc}"))
+
+
+def _run_here(coro: Coroutine[Any, Any, Any], ctx: TaskContext) -> Any:
+    """An async handler in its child: on a loop of the child's own, cancelled (its task)
+    when the worker passes a cancellation down the pipe."""
+
+    async def main() -> Any:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        assert task is not None
+
+        def cancel() -> None:
+            loop.call_soon_threadsafe(task.cancel)
+
+        ctx.on_cancel(cancel)
+        return await coro
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        raise Cancelled(ctx.cancel_reason or "attempt cancelled") from None
 
 
 def _listen(conn: Connection, ctx: TaskContext) -> None:
