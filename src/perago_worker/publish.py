@@ -75,6 +75,15 @@ def stage(
         )
 
     def put(rel_size: tuple[PurePosixPath, int]) -> None:
+        # The first failure stops the rest: a file not yet begun would otherwise spend a
+        # retry budget of its own against a server already known to be down.
+        try:
+            put_one(rel_size)
+        except BaseException:
+            failed.set()
+            raise
+
+    def put_one(rel_size: tuple[PurePosixPath, int]) -> None:
         rel, _size = rel_size
         if cancelled():
             raise TaskFailure(FailureKind.ABORTED, "cancelled while uploading")
