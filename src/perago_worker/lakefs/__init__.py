@@ -10,6 +10,7 @@
 from perago_worker.lakefs.control import DATA_PATHS, CommitInfo, LakeFS, StorageConfig
 from perago_worker.lakefs.errors import (
     Conflict,
+    ContentMismatch,
     DataPathUnavailable,
     HookRejected,
     LakeFSError,
@@ -29,6 +30,7 @@ __all__ = [
     "DATA_PATHS",
     "CommitInfo",
     "Conflict",
+    "ContentMismatch",
     "DataPathUnavailable",
     "Downloaded",
     "HookRejected",

@@ -8,7 +8,9 @@ those are credentials (see `perago_worker.lakefs.presigned`).
 from __future__ import annotations
 
 import http
+import http.client
 import json
+import ssl
 from typing import Any
 
 import urllib3
@@ -62,6 +64,17 @@ class StoreError(LakeFSError):
     """
 
     source = "object store"
+
+
+class ContentMismatch(StoreError):
+    """The store stored or served other bytes than were sent or listed (size, ETag).
+
+    Never retried: the same request would meet the same store, and the attempt must fail
+    with nothing published rather than spend its retry budget.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(502, message)
 
 
 class DataPathUnavailable(LakeFSError):
@@ -120,8 +133,31 @@ def translate(status: int, body: Any) -> LakeFSError:
     return LakeFSError(status, message)
 
 
+def certificate_refused(exc: BaseException) -> bool:
+    """A server certificate this worker does not trust (however a library wraps it)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        reason = getattr(current, "reason", None)
+        nxt = reason if isinstance(reason, BaseException) else None
+        current = nxt or current.__cause__ or current.__context__
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError):
+    if certificate_refused(exc):
+        return False  # retrying cannot make the certificate trusted
+    if isinstance(exc, ContentMismatch):
+        return False
+    # A connection that ends mid-body (`IncompleteRead`) or answers garbage is the network's
+    # fault, as a reset is.
+    if isinstance(
+        exc,
+        urllib3.exceptions.HTTPError | ConnectionError | TimeoutError | http.client.HTTPException,
+    ):
         return True
     if isinstance(exc, ApiException):
         return exc.status is None or exc.status == 429 or exc.status >= 500

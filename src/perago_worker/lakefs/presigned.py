@@ -42,7 +42,13 @@ from typing import Any
 
 from perago_worker.lakefs.api import ApiTransfers, with_retries
 from perago_worker.lakefs.connections import Connections
-from perago_worker.lakefs.errors import LakeFSError, NotFound, StoreError, is_transient
+from perago_worker.lakefs.errors import (
+    ContentMismatch,
+    LakeFSError,
+    NotFound,
+    StoreError,
+    is_transient,
+)
 from perago_worker.lakefs.transfers import Downloaded, ObjectInfo, exactly, hashed, write_body
 
 MIB = 1 << 20
@@ -146,7 +152,12 @@ class PresignedTransfers:
             if conns is None:
                 conns = self._stores[origin] = Connections(origin, self._timeout)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        return conns.request(method, target, body=body, headers=headers), conns
+        try:
+            return conns.request(method, target, body=body, headers=headers), conns
+        except (ConnectionError, TimeoutError) as exc:
+            # Same type (still transient, still a reset to the callers), but naming the store:
+            # a task's reason then says which server was down. Its origin, never the URL.
+            raise type(exc)(f"object store at {parts.netloc}: {exc}") from None
 
     def _retry(self, fn: Any) -> Any:
         return with_retries(fn, self.retry_seconds, server="objectstore")
@@ -184,13 +195,13 @@ class PresignedTransfers:
             listed_sum = obj.checksum.lower()
             if is_md5_etag(etag) and is_md5_etag(listed_sum) and etag != listed_sum:
                 conns.discard()  # the body is not read: the connection cannot be reused
-                raise StoreError(
-                    502, f"{obj.key}: the store serves ETag {etag}, lakeFS lists {listed_sum}"
+                raise ContentMismatch(
+                    f"{obj.key}: the store serves ETag {etag}, lakeFS lists {listed_sum}"
                 )
             written, done = write_body(resp, dest)
             if written != obj.size:
-                raise StoreError(
-                    502, f"{obj.key}: got {written} bytes, the listing says {obj.size}"
+                raise ContentMismatch(
+                    f"{obj.key}: got {written} bytes, the listing says {obj.size}"
                 )
             return done
 
@@ -218,12 +229,18 @@ class PresignedTransfers:
             nonlocal staging
             md5 = hashlib.md5()  # noqa: S324 (what the store's ETag is, not a security hash)
             body = hashed(exactly(fd, size, key), md5)
-            resp, _ = self._send(
-                "PUT",
-                staging["presigned_url"],
-                body=body,
-                headers=put_headers(self.blockstore, size),
-            )
+            try:
+                resp, _ = self._send(
+                    "PUT",
+                    staging["presigned_url"],
+                    body=body,
+                    headers=put_headers(self.blockstore, size),
+                )
+            except ConnectionError:
+                # A store refusing a URL (expired: 403) may answer before it reads the body
+                # and close the connection: the refusal then arrives as a reset. Renew it.
+                staging = address()
+                raise
             answer = resp.read()
             if resp.status == 403:
                 staging = address()
@@ -232,7 +249,7 @@ class PresignedTransfers:
                 raise StoreError(resp.status, f"{key}: PUT answered {store_code(answer)}")
             etag = etag_of(resp.getheader("ETag"))
             if is_md5_etag(etag) and etag != md5.hexdigest():
-                raise StoreError(502, f"{key}: the store stored other bytes (ETag {etag})")
+                raise ContentMismatch(f"{key}: the store stored other bytes (ETag {etag})")
             return etag
 
         etag: str = self._retry(put)
@@ -331,12 +348,16 @@ class PresignedTransfers:
             def once() -> tuple[str, bytes]:
                 nonlocal renew
                 md5 = hashlib.md5()  # noqa: S324
-                resp, _ = self._send(
-                    "PUT",
-                    url_for(number, renew),
-                    body=hashed(exactly(fd, length, key, offset), md5),
-                    headers={"Content-Length": str(length)},
-                )
+                try:
+                    resp, _ = self._send(
+                        "PUT",
+                        url_for(number, renew),
+                        body=hashed(exactly(fd, length, key, offset), md5),
+                        headers={"Content-Length": str(length)},
+                    )
+                except ConnectionError:
+                    renew = True  # a refusal answered before the body was read is a reset
+                    raise
                 answer = resp.read()
                 if resp.status == 403:
                     renew = True
@@ -348,7 +369,7 @@ class PresignedTransfers:
                 renew = False
                 etag = etag_of(resp.getheader("ETag"))
                 if is_md5_etag(etag) and etag != md5.hexdigest():
-                    raise StoreError(502, f"{key}: part {number} stored other bytes")
+                    raise ContentMismatch(f"{key}: part {number} stored other bytes")
                 return etag, md5.digest()
 
             done: tuple[str, bytes] = self._retry(once)
@@ -377,13 +398,13 @@ class PresignedTransfers:
                 self.api.json("DELETE", one, {"physical_address": address}, ok=(200, 204))
             raise
         if int(stats.get("size_bytes") or 0) != size:
-            raise StoreError(
-                502, f"{key}: the store assembled {stats.get('size_bytes')} of {size} bytes"
+            raise ContentMismatch(
+                f"{key}: the store assembled {stats.get('size_bytes')} of {size} bytes"
             )
         checksum = etag_of(str(stats.get("checksum", "")))
         expected = multipart_etag([md5 for _, md5 in parts])
         if is_md5_etag(checksum) and "-" in checksum and checksum != expected:
-            raise StoreError(502, f"{key}: the store assembled other parts (ETag {checksum})")
+            raise ContentMismatch(f"{key}: the store assembled other parts (ETag {checksum})")
         return checksum
 
     def probe(self, repository: str, branch: str) -> str:
@@ -400,7 +421,7 @@ class PresignedTransfers:
         staging = self.api.json("GET", backing)
         url = str(staging.get("presigned_url") or "")
         if not url:
-            raise StoreError(502, "lakeFS gave no presigned URL for an upload")
+            raise LakeFSError(502, "lakeFS gave no presigned URL for an upload")
         parts = urllib.parse.urlsplit(url)
         try:
             resp, _ = self._send("HEAD", url)
