@@ -16,7 +16,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /src
 # README.md is part of the package metadata (pyproject: readme = "README.md").
-COPY pyproject.toml README.md requirements.lock ./
+COPY pyproject.toml README.md LICENSE requirements.lock ./
 COPY src ./src
 RUN python -m venv /opt/perago \
     && /opt/perago/bin/pip install -c requirements.lock . \

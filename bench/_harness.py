@@ -174,14 +174,14 @@ class Bench:
             "AWS_CONFIG_FILE": str(home / "none"),
         }
 
-    def s5cmd_run(self, args: Sequence[str], *, timeout: float) -> str:
-        """`s5cmd --endpoint-url STORE --numworkers P --log error ARGS`."""
+    def s5cmd_run(self, args: Sequence[str], *, timeout: float, quiet: bool = True) -> str:
+        """`s5cmd --endpoint-url STORE --numworkers P [--log error] ARGS` (`ls` and `du`
+        answer at the info level: not quiet)."""
         if self.s5cmd is None or self.endpoints.store is None:
             raise RuntimeError("s5cmd needs the s3 blockstore")
         base = ["--endpoint-url", self.endpoints.store.url, "--numworkers", str(self.parallelism)]
-        return run_tool(
-            self.s5cmd, [*base, "--log", "error", *args], env=self.s5cmd_env(), timeout=timeout
-        )
+        level = ["--log", "error"] if quiet else []
+        return run_tool(self.s5cmd, [*base, *level, *args], env=self.s5cmd_env(), timeout=timeout)
 
     def bucket_uri(self, path: str) -> str:
         store = self.endpoints.store

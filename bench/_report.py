@@ -133,7 +133,7 @@ def targets_summary(sections: Sequence[Section]) -> str:
             lines.append(
                 f"| {section.title} | {row.item} vs {row.reference} | {row.target.text} | "
                 f"{fmt(row.perago_median, row.unit)} {row.unit} | "
-                f"{row.ratio:.2f}{TIMES} | {row.status} |"
+                f"{NONE if math.isnan(row.ratio) else f'{row.ratio:.2f}{TIMES}'} | {row.status} |"
             )
     return "\n".join(lines) + "\n"
 

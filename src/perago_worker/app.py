@@ -165,9 +165,7 @@ class TaskSpec:
         return conductor_timeout_seconds(self.response_timeout_seconds)
 
 
-def _models_from_hints(
-    name: str, fn: Callable[..., Any]
-) -> tuple[type[BaseModel], type[BaseModel]]:
+def models_from_hints(name: str, fn: Callable[..., Any]) -> tuple[type[BaseModel], type[BaseModel]]:
     where = f"task {name!r} ({getattr(fn, '__qualname__', fn)!r})"
     if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
         raise RegistrationError(
@@ -302,7 +300,7 @@ class Worker:
             )
 
         def register(fn: F) -> F:
-            params_model, result_model = _models_from_hints(name, fn)
+            params_model, result_model = models_from_hints(name, fn)
             self._tasks[name] = TaskSpec(
                 name=name,
                 fn=fn,

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from perago_worker import faultpoints, fences, invocation, publish
+from perago_worker import faultpoints, fences, invocation, links, publish
 from perago_worker._version import __version__
 from perago_worker.app import TaskSpec
 from perago_worker.cache import ObjectCache
@@ -45,7 +45,7 @@ from perago_worker.execution import Execution, Superseded, published, resolve
 from perago_worker.fences import Incarnation, LineageError, Target
 from perago_worker.lakefs import Conflict, HookRejected, LakeFS, NotFound
 from perago_worker.materialize import materialize
-from perago_worker.observability import metrics
+from perago_worker.observability import metrics, tracing
 from perago_worker.paths import UnsafeKey, distinct_names, relative_to_key
 from perago_worker.settings import Settings
 from perago_worker.workspace import AttemptDir, free_bytes
@@ -197,12 +197,18 @@ class Attempt:
         """Time a phase; its single closing log event carries the figures the phase adds."""
         figures: dict[str, Any] = {}
         started = time.monotonic()
+        span = tracing.phase(name)  # a child of the attempt's span; a no-op unless tracing
+        error: BaseException | None = None
         try:
             yield figures
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             seconds = time.monotonic() - started
             metrics.PHASE_SECONDS.labels(task_type=self.spec.name, phase=name).observe(seconds)
             self.log.info(f"{name}.done", seconds=round(seconds, 4), **figures)
+            span.end(figures, error)
 
     # -- the pipeline -------------------------------------------------------------------
 
@@ -292,7 +298,18 @@ class Attempt:
             "perago.input_ref": ws.ref,
             "perago.environment": ctx.environment,
             "perago.version": __version__,
+            **self._workflow_link(),
         }
+
+    def _workflow_link(self) -> dict[str, str]:
+        """The Conductor workflow's UI page, for the commit's metadata (`conductor.ui_url`)."""
+        url = links.workflow_url(self.deps.settings, self.ctx.workflow_id)
+        return {links.META_WORKFLOW_URL: url} if url else {}
+
+    def _commit_link(self, repository: str, ref: str) -> dict[str, str]:
+        """The lakeFS commit's UI page, for a log event (`lakefs.ui_url`)."""
+        url = links.commit_url(self.deps.settings, repository, ref)
+        return {"commit_url": url} if url else {}
 
     def _output(self, ws: WorkspaceRef, ref: str, result: dict[str, Any]) -> Outcome:
         out_ws = WorkspaceRef(
@@ -324,7 +341,7 @@ class Attempt:
             )
             figures["adopted"] = record is not None or claimed is not None
         if record is not None:
-            self._adopted("published_before_run", record.commit_id, merged=False)
+            self._adopted("published_before_run", record.commit_id, merged=False, ws=ws)
             result = publish.result_of(deps.lakefs, ws.repository, record.staged_commit)
             return self._output(ws, record.commit_id, result)
         if claimed is not None:
@@ -355,7 +372,7 @@ class Attempt:
             # Inside the try: a folder whose record fails is still released (and its lock).
             attempt_dir.record(staging_branch=staging)
             root = attempt_dir.root
-            ctx._workspace = AttemptWorkspace(root, ws.repository, ws.branch, ws.ref, prefix)
+            ctx.bind_workspace(AttemptWorkspace(root, ws.repository, ws.branch, ws.ref, prefix))
             with self.phase("materialize") as figures:
                 manifest, mstats = materialize(
                     deps.lakefs,
@@ -450,7 +467,7 @@ class Attempt:
             if deps.cache is not None and manifest:
                 self._feed_cache(manifest, attempt_dir.root)
             attempt_dir.release(remove=succeeded or not settings.keep_failed_workspaces)
-            ctx._workspace = None
+            ctx.bind_workspace(None)
 
     def _execution(self, ws: WorkspaceRef, prefix: str) -> Execution:
         ctx, deps = self.ctx, self.deps
@@ -477,9 +494,15 @@ class Attempt:
         """Cancellation and the attempt fence (a Conductor read-back), in that order."""
         return not self.ctx.cancelled and self.still_live()
 
-    def _adopted(self, kind: str, ref: str, *, merged: bool) -> None:
+    def _adopted(self, kind: str, ref: str, *, merged: bool, ws: WorkspaceRef) -> None:
         metrics.FENCE_REJECTIONS.labels(task_type=self.spec.name, fence="publish", kind=kind).inc()
-        self.log.info("publish.adopted", ref=ref, merged_now=merged, kind=kind)
+        self.log.info(
+            "publish.adopted",
+            ref=ref,
+            merged_now=merged,
+            kind=kind,
+            **self._commit_link(ws.repository, ref),
+        )
 
     def _publish(
         self,
@@ -544,13 +567,16 @@ class Attempt:
                 merged=merged,
                 tries=merge_figures.tries,
                 fence_to_merge_ms=round(merge_figures.fence_to_merge_ms, 2),
+                **self._commit_link(ws.repository, ref),
             )
         if merged:
             metrics.FENCE_WINDOW.labels(task_type=self.spec.name).observe(
                 merge_figures.fence_to_merge_ms / 1000
             )
         if adopted or not merged:
-            self._adopted("adopted_claim" if adopted else "published_meanwhile", ref, merged=merged)
+            self._adopted(
+                "adopted_claim" if adopted else "published_meanwhile", ref, merged=merged, ws=ws
+            )
         faultpoints.hit("merge.done")
         result = publish.result_of(deps.lakefs, ws.repository, staged)
         return self._output(ws, ref, result)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from perago_worker._version import __version__
 from perago_worker.app import Worker
 from perago_worker.cache import ObjectCache
-from perago_worker.compose import CliError, clients, load_settings, load_worker
+from perago_worker.compose import CliError, clients, load_settings, load_worker, setup_tracing
 
 if TYPE_CHECKING:
     from perago_worker.conductor import Conductor
@@ -74,6 +74,7 @@ def _run_single(args: argparse.Namespace) -> int:
     from perago_worker.app import RegistrationError
     from perago_worker.attempt import Deps
     from perago_worker.observability import logging as plog
+    from perago_worker.observability import tracing
     from perago_worker.observability.health import HealthServer
     from perago_worker.preflight import preflight_clients, run_preflight
     from perago_worker.register import coverage
@@ -82,6 +83,15 @@ def _run_single(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     plog.configure(settings.log_level, settings.log_format, plog.secret_values(settings))
     log = plog.get_logger(worker_id=settings.worker_id)
+    if setup_tracing(settings):
+        log.info(
+            "tracing.enabled",
+            endpoint=tracing.safe_endpoint(
+                tracing.traces_endpoint(settings.tracing.otlp_endpoint or "")
+            ),
+            service_name=settings.tracing.service_name,
+            sample_ratio=settings.tracing.sample_ratio,
+        )
     lifecycle = Lifecycle()
     app = load_worker(args.app)
     lakefs, conductor = clients(settings)
@@ -146,6 +156,7 @@ def _run_single(args: argparse.Namespace) -> int:
             periodic_gc.stop()
         if health is not None:
             health.stop()
+        tracing.shutdown()  # exports the spans still buffered
 
 
 def cmd_check(args: argparse.Namespace) -> int:

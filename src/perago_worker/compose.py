@@ -14,7 +14,9 @@ from pydantic import ValidationError
 
 from perago_worker.app import RegistrationError, Worker, load_app
 from perago_worker.conductor import Conductor
+from perago_worker.credentials import Credentials, CredentialsError
 from perago_worker.lakefs import LakeFS
+from perago_worker.network import Network, NetworkError
 from perago_worker.settings import Settings
 
 
@@ -38,27 +40,74 @@ def load_settings(config: str | None) -> Settings:
         raise CliError(str(exc)) from None
 
 
+def network(settings: Settings) -> Network:
+    """The TLS policy and proxies of every client (`tls.*`, `proxy.*`, the proxy variables)."""
+    try:
+        return Network.from_settings(settings)
+    except NetworkError as exc:
+        raise CliError(str(exc)) from None
+
+
+def credentials(settings: Settings) -> tuple[Credentials, Credentials | None]:
+    """lakeFS's key pair and Conductor's (None: no authentication), values or files."""
+    lake, cond = settings.lakefs, settings.conductor
+    try:
+        lakefs_pair = Credentials(
+            lake.access_key_id,
+            lake.secret_access_key.get_secret_value(),
+            key_file=lake.access_key_id_file,
+            secret_file=lake.secret_access_key_file,
+        )
+        secret = cond.auth_secret.get_secret_value() if cond.auth_secret else ""
+        conductor_pair = (
+            Credentials(
+                cond.auth_key or "",
+                secret,
+                key_file=cond.auth_key_file,
+                secret_file=cond.auth_secret_file,
+            )
+            if (cond.auth_key or cond.auth_key_file) and (secret or cond.auth_secret_file)
+            else None
+        )
+    except CredentialsError as exc:
+        raise CliError(str(exc)) from None
+    return lakefs_pair, conductor_pair
+
+
 def clients(settings: Settings) -> tuple[LakeFS, Conductor]:
-    """The lakeFS and Conductor clients, each request bounded by its settings' timeout."""
+    """The lakeFS and Conductor clients, each request bounded by its settings' timeout, all
+    three HTTP stacks (the lakeFS SDK, the data plane, Conductor) on one TLS policy and
+    proxy configuration, credentials re-read from their files when they change."""
+    net = network(settings)
+    lakefs_pair, conductor_pair = credentials(settings)
     lakefs = LakeFS(
         settings.lakefs.endpoint,
-        settings.lakefs.access_key_id,
-        settings.lakefs.secret_access_key.get_secret_value(),
+        "",
+        "",
         pool_size=settings.transfer_concurrency,
         timeout=settings.lakefs.request_timeout_seconds,
         data_path=settings.lakefs.data_path,
+        network=net,
+        credentials=lakefs_pair,
     )
     conductor = Conductor(
         settings.conductor.url,
-        auth_key=settings.conductor.auth_key,
-        auth_secret=(
-            settings.conductor.auth_secret.get_secret_value()
-            if settings.conductor.auth_secret
-            else None
-        ),
+        credentials=conductor_pair,
         request_timeout=settings.conductor.request_timeout_seconds,
+        network=net,
     )
     return lakefs, conductor
+
+
+def setup_tracing(settings: Settings) -> bool:
+    """OpenTelemetry spans to `tracing.otlp_endpoint` (`observability.tracing`); False when
+    unset. Set but without the `tracing` extra installed is a CliError naming the extra."""
+    from perago_worker.observability import tracing
+
+    try:
+        return tracing.setup(settings)
+    except tracing.TracingUnavailable as exc:
+        raise CliError(str(exc)) from None
 
 
 def load_worker(target: str) -> Worker:

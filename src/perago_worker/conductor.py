@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,6 +33,8 @@ from conductor.client.http.rest import ApiException
 from tenacity import Retrying
 
 from perago_worker import retries
+from perago_worker.credentials import Credentials
+from perago_worker.network import Network, certificate_message, is_certificate_failure
 
 T = TypeVar("T")
 TERMINAL_TASK_STATES = frozenset(
@@ -79,6 +82,8 @@ def describe_failure(exc: ApiException, url: str, timeout: object = None) -> Con
     status = int(exc.status or 0)
     reason = str(getattr(exc, "reason", "") or "").strip()
     message = getattr(exc, "message", None)
+    if status == 0 and is_certificate_failure(reason):
+        return ConductorError(0, certificate_message(url, reason))
     if status == 0:
         kind, _, detail = reason.partition(":")
         detail = _lowered(detail) if detail else ""
@@ -104,6 +109,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, ApiException):
         status = exc.status or 0
+        if status == 0 and is_certificate_failure(str(getattr(exc, "reason", ""))):
+            return False  # a certificate the worker does not trust: retrying cannot help
         return bool(exc.transient) or status == 0 or status == 429 or status >= 500
     return False
 
@@ -135,6 +142,48 @@ class TaskState:
         return self.status in TERMINAL_TASK_STATES
 
 
+class _KeyAndSecret(AuthenticationSettings):  # type: ignore[misc]
+    """The SDK's key id and secret, read from `Credentials` each time it asks for a token:
+    a rotated secret file is what the next token request sends."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    @property
+    def key_id(self) -> str:
+        return self._credentials.key
+
+    @property
+    def key_secret(self) -> str:
+        return self._credentials.secret
+
+
+def http_client(network: Network, url: str) -> httpx.Client:
+    """The httpx client conductor-python sends through, with the worker's TLS context and
+    proxy (the SDK's own sets a transport, which makes httpx ignore the proxy variables,
+    and trusts certifi only). Pool limits and HTTP/2 as the SDK has them."""
+    proxy = network.proxy_for(url)
+    http2 = os.getenv("CONDUCTOR_HTTP2_ENABLED", "true").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
+    transport = httpx.HTTPTransport(
+        verify=network.new_ssl_context(),
+        http2=http2,
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=50, keepalive_expiry=30),
+        proxy=httpx.Proxy(proxy.url, headers=proxy.headers) if proxy is not None else None,
+        retries=3,
+    )
+    return httpx.Client(
+        transport=transport,
+        timeout=httpx.Timeout(120.0, connect=10.0),
+        follow_redirects=True,
+        trust_env=False,
+    )
+
+
 class Conductor:
     def __init__(
         self,
@@ -144,15 +193,28 @@ class Conductor:
         auth_secret: str | None = None,
         retry_seconds: float = 30.0,
         request_timeout: float = 10.0,
+        network: Network | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
-        auth = AuthenticationSettings(auth_key, auth_secret) if auth_key and auth_secret else None
+        if credentials is None and auth_key and auth_secret:
+            credentials = Credentials(auth_key, auth_secret)
+        self.credentials = credentials
+        auth = _KeyAndSecret(credentials) if credentials is not None else None
         config = Configuration(server_api_url=url.rstrip("/"), authentication_settings=auth)
         self.url = url.rstrip("/")
+        self.network = network if network is not None else Network()
+        # The client is the SDK's only HTTP; it builds a fresh one after a broken connection,
+        # which must carry the same TLS and proxy.
+        config.http_connection = http_client(self.network, self.url)
         self._client = ApiClient(config)
+        self._client.rest_client._create_default_httpx_client = lambda: http_client(
+            self.network, self.url
+        )
         self.tasks = TaskResourceApi(self._client)
         self.metadata = MetadataResourceApi(self._client)
         self.workflows = WorkflowResourceApi(self._client)
-        self._retry_seconds = retry_seconds
+        # Each call's retry budget unless it names its own (the preflight lowers it).
+        self.retry_seconds = retry_seconds
         # Every request is bounded: the SDK's own default is 120 s, and a fence read that
         # hangs is a window in which a superseded attempt could still act.
         self.request_timeout = request_timeout
@@ -161,16 +223,35 @@ class Conductor:
         self, fn: Callable[..., T], *args: Any, retry_seconds: float | None = None, **kwargs: Any
     ) -> T:
         kwargs.setdefault("_request_timeout", self.request_timeout)
+        budget = self.retry_seconds if retry_seconds is None else retry_seconds
         try:
-            for attempt in retrying(
-                self._retry_seconds if retry_seconds is None else retry_seconds
-            ):
-                with attempt:
-                    return fn(*args, **kwargs)
+            try:
+                return self._retried(fn, args, kwargs, budget)
+            except ApiException as exc:
+                if not self._reauthenticated(exc):
+                    raise
+                return self._retried(fn, args, kwargs, budget)
         except ApiException as exc:
             timeout = kwargs.get("_request_timeout")
             raise describe_failure(exc, self.url, timeout) from None
+
+    @staticmethod
+    def _retried(
+        fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], budget: float
+    ) -> T:
+        for attempt in retrying(budget):
+            with attempt:
+                return fn(*args, **kwargs)
         raise AssertionError("unreachable")
+
+    def _reauthenticated(self, exc: ApiException) -> bool:
+        """After a 401 the SDK did not act on (it renews a token only when the answer says
+        EXPIRED_TOKEN or INVALID_TOKEN): a new token, from the current key and secret."""
+        if exc.status != 401 or self.credentials is None:
+            return False
+        if getattr(exc, "token_expired", False) or getattr(exc, "invalid_token", False):
+            return False
+        return bool(self._client.force_refresh_auth_token())
 
     # -- the worker's calls --------------------------------------------------------------
 
@@ -189,7 +270,12 @@ class Conductor:
         if domain:
             kwargs["domain"] = domain
         try:
-            return list(self.tasks.batch_poll(task_type, **kwargs) or [])
+            try:
+                return list(self.tasks.batch_poll(task_type, **kwargs) or [])
+            except ApiException as exc:
+                if not self._reauthenticated(exc):
+                    raise
+                return list(self.tasks.batch_poll(task_type, **kwargs) or [])
         except ApiException as exc:
             raise describe_failure(exc, self.url, kwargs["_request_timeout"]) from None
 
@@ -205,6 +291,22 @@ class Conductor:
             extend_lease=True,
         )
         self.call(self.tasks.update_task, result, retry_seconds=5)
+
+    def queue_sizes(
+        self, task_types: Iterable[str], domain: str | None, *, retry_seconds: float = 5
+    ) -> dict[str, int]:
+        """How many tasks of each type wait in Conductor's queue to be polled, in `domain`.
+
+        One request for all of them: `GET /tasks/queue/sizes?taskType=...` (repeated), whose
+        values are queue names (`domain:taskType` in a domain); the server counts each
+        queue's messages, and a polled task leaves its queue, so tasks in progress are not
+        counted. A task type the answer leaves out is left out here too.
+        """
+        queues = {(f"{domain}:{name}" if domain else name): name for name in task_types}
+        if not queues:
+            return {}
+        answer = self.call(self.tasks.size, task_type=list(queues), retry_seconds=retry_seconds)
+        return {queues[q]: int(n) for q, n in dict(answer or {}).items() if q in queues}
 
     def task_state(self, task_id: str, *, retry_seconds: float = 5) -> TaskState | None:
         try:

@@ -77,6 +77,10 @@ class TaskContext:
     def has_workspace(self) -> bool:
         return self._workspace is not None
 
+    def bind_workspace(self, workspace: AttemptWorkspace | None) -> None:
+        """The worker hands the attempt its materialized folder (None: takes it back)."""
+        self._workspace = workspace
+
     @property
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()

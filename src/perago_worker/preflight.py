@@ -154,7 +154,7 @@ def preflight_clients(settings: Settings) -> tuple[LakeFS, Conductor]:
 
     lakefs, conductor = clients(settings)
     lakefs.retry_seconds = PREFLIGHT_RETRY_SECONDS
-    conductor._retry_seconds = PREFLIGHT_RETRY_SECONDS
+    conductor.retry_seconds = PREFLIGHT_RETRY_SECONDS
     return lakefs, conductor
 
 

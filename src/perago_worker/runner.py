@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -43,7 +44,7 @@ from perago_worker.context import TaskContext
 from perago_worker.contract import FailureKind, Status, TaskFailure, bound_reason
 from perago_worker.fences import Incarnation, attempt_verdict, delivery_token
 from perago_worker.observability import logging as plog
-from perago_worker.observability import metrics
+from perago_worker.observability import metrics, tracing
 
 # A loop is stalled when it stamped no heartbeat for max(STALL_FACTOR x its period,
 # STALL_FLOOR_SECONDS); the main thread looks every WATCH_SECONDS. A worker that failed at run
@@ -62,6 +63,7 @@ CONNECT_BACKOFF_SECONDS = 1.5
 MAX_RETRY_SLEEP_SECONDS = 5.0
 LEASE_RETRY_SECONDS = 5.0  # conductor.extend_lease's retry budget
 LEASE_FENCE_RETRY_SECONDS = 2.0  # the fence read after each extension
+QUEUE_DEPTH_RETRY_SECONDS = 5.0  # one queue-size read's retry budget
 
 
 def request_bound(request_timeout: float, wait: float = 0.0) -> float:
@@ -200,6 +202,7 @@ class InFlight:
     next_lease: float
     lock: threading.Lock = field(default_factory=threading.Lock)
     reported: bool = False
+    polled: tracing.PollWindow | None = None  # the poll that delivered it, when tracing
 
     @property
     def key(self) -> str:
@@ -277,6 +280,19 @@ class Runner:
         )
         beat.thread = keeper
         keeper.start()
+        if self.settings.queue_depth_every_seconds > 0:
+            # Not joined by the drain: it only reads, and ends at the drain's next look.
+            beat = self.lifecycle.watch(
+                Heartbeat("queue depth reader", self.settings.queue_depth_every_seconds)
+            )
+            reader = threading.Thread(
+                target=self._guarded,
+                args=(beat, self._queue_depth_loop),
+                name="queue-depth",
+                daemon=True,
+            )
+            beat.thread = reader
+            reader.start()
         self.log.info(
             "worker.running",
             task_types=sorted(self.app.tasks),
@@ -461,11 +477,13 @@ class Runner:
         None when it failed (the loop never dies: outages are waited out).
         """
         started = time.monotonic()
+        traced = tracing.poll_started()
         try:
             tasks = self.deps.conductor.batch_poll(
                 spec.name, token, self.settings.task_domain, count, timeout_ms
             )
         except Exception as exc:
+            tracing.poll_ended(traced, spec.name, 0, exc)
             metrics.POLLS.labels(task_type=spec.name, result="error").inc()
             self.log.warning("poll.failed", task_type=spec.name, error=str(exc)[:300])
             return None
@@ -473,6 +491,7 @@ class Runner:
             metrics.PHASE_SECONDS.labels(task_type=spec.name, phase="poll").observe(
                 time.monotonic() - started
             )
+        tracing.poll_ended(traced, spec.name, len(tasks))
         self.lifecycle.heartbeat()
         metrics.POLLS.labels(task_type=spec.name, result="tasks" if tasks else "empty").inc()
         return tasks
@@ -504,7 +523,9 @@ class Runner:
         )
         timeout = int(task.response_timeout_seconds or spec.response_timeout_seconds)
         interval = max(1.0, settings.lease_factor * timeout)
-        entry = InFlight(task, spec, ctx, interval, time.monotonic() + interval)
+        entry = InFlight(
+            task, spec, ctx, interval, time.monotonic() + interval, polled=tracing.last_poll()
+        )
         with self._lock:
             self._inflight[entry.key] = entry
         metrics.IN_FLIGHT.labels(task_type=spec.name).inc()
@@ -547,6 +568,7 @@ class Runner:
         spec, ctx = entry.spec, entry.ctx
         ctx.log.info("attempt.start", reference_name=ctx.reference_name)
         started = time.monotonic()
+        span = tracing.attempt(ctx, entry.polled, self.settings)  # the trace's root; or a no-op
         try:
             attempt = Attempt(
                 spec,
@@ -574,6 +596,7 @@ class Runner:
             metrics.TASKS.labels(
                 task_type=spec.name, status=outcome.status.value, kind=outcome.kind
             ).inc()
+            span.outcome(outcome)
             ctx.log.info(
                 "attempt.done",
                 status=outcome.status.value,
@@ -582,6 +605,7 @@ class Runner:
                 reason=outcome.reason or None,
             )
         finally:
+            span.end(error=sys.exc_info()[1])
             with self._lock:
                 self._inflight.pop(entry.key, None)
             metrics.IN_FLIGHT.labels(task_type=spec.name).dec()
@@ -616,15 +640,43 @@ class Runner:
             worker_id=self.settings.worker_id,
         )
         started = time.monotonic()
+        span = tracing.phase("report", {"perago.status": outcome.status.value})
         try:
             self.deps.conductor.update(result, retry_seconds=self.settings.report_retry_seconds)
         except Exception as exc:
             # Nothing is lost: the task times out and its retry adopts the publish.
+            span.fail(exc)
             entry.ctx.log.error("report.failed", error=str(exc)[:300])
         finally:
+            span.end()
             metrics.PHASE_SECONDS.labels(task_type=entry.spec.name, phase="report").observe(
                 time.monotonic() - started
             )
+
+    # -- queue depth ----------------------------------------------------------------------
+
+    def _queue_depth_loop(self, beat: Heartbeat) -> None:
+        """`perago_queue_depth`: Conductor's queue size of every task type this worker
+        serves, one request every `queue_depth_every_seconds` (the autoscaling signal).
+
+        A failed read keeps the last values, logs `queue_depth.failed` and tries again on
+        time: the loop never dies of Conductor. It ends when the drain begins.
+        """
+        every = self.settings.queue_depth_every_seconds
+        names = sorted(self.app.tasks)
+        while not self._draining.is_set():
+            beat.stamp(call_bound(self._request_timeout, QUEUE_DEPTH_RETRY_SECONDS))
+            try:
+                sizes = self.deps.conductor.queue_sizes(
+                    names, self.settings.task_domain, retry_seconds=QUEUE_DEPTH_RETRY_SECONDS
+                )
+            except Exception as exc:
+                self.log.warning("queue_depth.failed", error=str(exc)[:300])
+            else:
+                for name, size in sizes.items():
+                    metrics.QUEUE_DEPTH.labels(task_type=name).set(size)
+            beat.stamp(every)
+            self._draining.wait(every)
 
     # -- leases ---------------------------------------------------------------------------
 

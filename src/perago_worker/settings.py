@@ -36,6 +36,14 @@ class LakeFSSettings(BaseModel):
     endpoint: str = "http://127.0.0.1:8000"
     access_key_id: str = ""
     secret_access_key: SecretStr = SecretStr("")
+    access_key_id_file: Path | None = Field(
+        None,
+        description="A file holding the access key (a Kubernetes Secret volume): read at start "
+        "and again whenever it changes or lakeFS answers 401; instead of access_key_id",
+    )
+    secret_access_key_file: Path | None = Field(
+        None, description="A file holding the secret, read like access_key_id_file"
+    )
     request_timeout_seconds: float = Field(60.0, gt=0)
     data_path: Literal["auto", "presign", "api"] = Field(
         "auto",
@@ -43,12 +51,25 @@ class LakeFSSettings(BaseModel):
         "store on URLs lakeFS presigns), api (through the lakeFS server), or auto (presign "
         "when the server's storage config says it can)",
     )
+    ui_url: str | None = Field(
+        None,
+        description="Base address of the lakeFS web UI: the log event of a merge then "
+        "carries the commit's page, {ui_url}/repositories/{repo}/commits/{commit}",
+    )
 
     @field_validator("endpoint")
     @classmethod
     def _strip_api(cls, value: str) -> str:
         value = value.rstrip("/")
         return value.removesuffix("/api/v1")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LakeFSSettings:
+        if self.access_key_id and self.access_key_id_file:
+            raise ValueError("set access_key_id or access_key_id_file, not both")
+        if self.secret_access_key.get_secret_value() and self.secret_access_key_file:
+            raise ValueError("set secret_access_key or secret_access_key_file, not both")
+        return self
 
 
 class TaskOptionsSetting(BaseModel):
@@ -69,6 +90,14 @@ class ConductorSettings(BaseModel):
     url: str = "http://127.0.0.1:8080/api"
     auth_key: str | None = None
     auth_secret: SecretStr | None = None
+    auth_key_file: Path | None = Field(
+        None, description="A file holding auth_key, read at start and again when it changes"
+    )
+    auth_secret_file: Path | None = Field(
+        None,
+        description="A file holding auth_secret, read at start and again when it changes "
+        "(the next token request uses it)",
+    )
     allow_unsupported_version: bool = Field(
         False,
         description="Start even when the Conductor server's version is outside the supported "
@@ -77,12 +106,105 @@ class ConductorSettings(BaseModel):
     request_timeout_seconds: float = Field(
         10.0, gt=0, description="Bound on every Conductor request (the long poll adds its wait)"
     )
+    ui_url: str | None = Field(
+        None,
+        description="Base address of the Conductor web UI: every published commit's metadata "
+        "then carries perago.workflow_url, {ui_url}/execution/{workflow_id}",
+    )
 
     @field_validator("url")
     @classmethod
     def _api_root(cls, value: str) -> str:
         value = value.rstrip("/")
         return value if value.endswith("/api") else value + "/api"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ConductorSettings:
+        if self.auth_key and self.auth_key_file:
+            raise ValueError("set auth_key or auth_key_file, not both")
+        if self.auth_secret is not None and self.auth_secret_file:
+            raise ValueError("set auth_secret or auth_secret_file, not both")
+        return self
+
+
+class TLSSettings(BaseModel):
+    """How every client (the lakeFS SDK, the data plane, Conductor) checks its servers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    verify: bool = Field(
+        True,
+        description="Verify server certificates and host names; false accepts any "
+        "certificate (tests only)",
+    )
+    ca_bundle: Path | None = Field(
+        None,
+        description="PEM file of the CA certificates to trust, instead of the system's "
+        "(which honour SSL_CERT_FILE and SSL_CERT_DIR)",
+    )
+    client_cert: Path | None = Field(
+        None, description="PEM client certificate (mutual TLS), its chain after it"
+    )
+    client_key: Path | None = Field(
+        None, description="Its private key (unencrypted PEM); none: the key is in client_cert"
+    )
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TLSSettings:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("client_key is set without client_cert")
+        return self
+
+
+class ProxySettings(BaseModel):
+    """Forwarding proxies, for every client alike; none reads the standard variables."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    https_proxy: str | None = Field(
+        None,
+        description="Proxy (http://[user:password@]host:port) for https targets; none: "
+        "$https_proxy or $HTTPS_PROXY; empty: no proxy",
+    )
+    http_proxy: str | None = Field(
+        None,
+        description="Proxy for plain http targets; none: $http_proxy or $HTTP_PROXY; "
+        "empty: no proxy",
+    )
+    no_proxy: str | None = Field(
+        None,
+        description="Comma-separated hosts, domains (.example.com), host:port, IPs and CIDR "
+        "ranges reached directly, or *; none: $no_proxy or $NO_PROXY",
+    )
+
+    @field_validator("https_proxy", "http_proxy")
+    @classmethod
+    def _http_proxy_url(cls, value: str | None) -> str | None:
+        if value:
+            from perago_worker.network import parse_proxy
+
+            parse_proxy(value)
+        return value
+
+
+class TracingSettings(BaseModel):
+    """OpenTelemetry traces (`observability.tracing`): off while `otlp_endpoint` is unset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector address, e.g. http://otel-collector:4318 (/v1/traces "
+        "is appended unless the path ends with it); none: no spans, no OpenTelemetry import",
+    )
+    service_name: str = Field("perago-worker", min_length=1, description="service.name of spans")
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Headers of every export request (an API key), masked"
+    )
+    sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of attempts traced (a parent-based ratio sampler)"
+    )
+    timeout_seconds: float = Field(10.0, gt=0, description="Bound on one export request")
 
 
 class Settings(BaseSettings):
@@ -105,6 +227,9 @@ class Settings(BaseSettings):
     )
     lakefs: LakeFSSettings = Field(default_factory=LakeFSSettings)
     conductor: ConductorSettings = Field(default_factory=ConductorSettings)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     worker_id: str = Field(default="", description="Defaults to host-pid-random")
     scratch_root: Path = Field(Path("~/.cache/perago/attempts"))
@@ -177,6 +302,13 @@ class Settings(BaseSettings):
         ge=0,
         allow_inf_nan=False,
         description="gc removes intent branches of terminal workflows older than this",
+    )
+    queue_depth_every_seconds: float = Field(
+        15.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="`run` reads Conductor's queue size of every task type it serves (one "
+        "request) this often into perago_queue_depth; 0 turns it off",
     )
 
     http_host: str = "0.0.0.0"

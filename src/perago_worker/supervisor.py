@@ -6,6 +6,8 @@ HTTP server), serves /healthz, /readyz and /metrics for all of them (prometheus-
 multiprocess mode aggregates the children's metric files), forwards SIGTERM so every child
 drains, restarts a child that dies, and exits 0 once all have drained. With `--gc-every`
 (or `gc_every_seconds`) the supervisor alone runs the gc schedule; the children never do.
+Only the first child reads Conductor's queue sizes (`queue_depth_every_seconds`), so a pod
+sends one such request per interval however many processes it runs.
 
 After SIGTERM the supervisor waits up to `drain_grace_seconds + DRAIN_MARGIN_SECONDS` for
 its children (their grace plus the last long poll), then kills the stragglers and exits 1.
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
@@ -29,6 +32,23 @@ from perago_worker.settings import Settings
 # before it kills them: with the default grace (60 s) it is done within the 90 s of
 # deploy/kubernetes/deployment.yaml's terminationGracePeriodSeconds.
 DRAIN_MARGIN_SECONDS = 15.0
+# Set to 0 for every child but the first: one process per pod reads Conductor's queue sizes.
+QUEUE_DEPTH_ENV = "PERAGO_QUEUE_DEPTH_EVERY_SECONDS"
+
+
+def child_env(
+    environ: Mapping[str, str], index: int, worker_id: str, multiproc: str
+) -> dict[str, str]:
+    """The environment of child `index`: its own worker id, the shared metrics folder, and
+    for every child but the first the queue-depth reader turned off (one reader per pod)."""
+    env = {
+        **environ,
+        "PERAGO_WORKER_ID": f"{worker_id}-p{index}",
+        "PROMETHEUS_MULTIPROC_DIR": multiproc,
+    }
+    if index > 0:
+        env[QUEUE_DEPTH_ENV] = "0"
+    return env
 
 
 def supervise(
@@ -84,11 +104,7 @@ def supervise(
         lifecycle.preflight = "passed"
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
-        env = {
-            **os.environ,
-            "PERAGO_WORKER_ID": f"{settings.worker_id}-p{index}",
-            "PROMETHEUS_MULTIPROC_DIR": multiproc,
-        }
+        env = child_env(os.environ, index, settings.worker_id, multiproc)
         cmd = [sys.executable, "-m", "perago_worker.cli"]
         if config:
             cmd += ["--config", config]

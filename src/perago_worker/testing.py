@@ -204,7 +204,7 @@ class HandlerEnvironment:
             manifest = _materialize(root, files, folder)
             prefix = spec.workspace.key_prefix
             require_distinct_inputs(manifest, prefix, self.settings, "the test's files")
-            ctx._workspace = AttemptWorkspace(root, "local", "test", "local", prefix)
+            ctx.bind_workspace(AttemptWorkspace(root, "local", "test", "local", prefix))
             raise_check_failures(run_checks(spec.pre, root), FailureKind.PRE_CHECK, "input")
             ctx.check_cancelled()
             run.result = call_handler(spec, ctx, params, self.settings, ctx.log)
@@ -217,7 +217,7 @@ class HandlerEnvironment:
         except Cancelled as exc:
             return _failed(run, Status.FAILED, "aborted", bound_reason(f"aborted: {exc}"))
         finally:
-            ctx._workspace = None
+            ctx.bind_workspace(None)
             if root is not None:
                 if keep:
                     run.root = root

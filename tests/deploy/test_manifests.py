@@ -54,6 +54,7 @@ ALERT_SPEC = {  # name -> the `for` duration the rule must have (None: fires at 
     "PeragoFenceRejections": None,
     "PeragoSlowMaterialization": "15m",
     "PeragoWorkerNotRunning": "10m",
+    "PeragoWorkerDown": "5m",
 }
 SEVERITIES = {"critical", "warning", "info"}
 
@@ -228,6 +229,8 @@ def test_the_files_exist() -> None:
         "secret.yaml",
         "deployment.yaml",
         "podmonitor.yaml",
+        "hpa.yaml",
+        "pdb.yaml",
         "kustomization.yaml",
     }
 
@@ -251,7 +254,7 @@ def test_dockerfile_base_user_install_and_entrypoint() -> None:
     assert "pip install -c requirements.lock ." in runs
     assert (ROOT / "requirements.lock").is_file()
     copied = " ".join(rest for ins, rest in instructions if ins == "COPY")
-    for needed in ("pyproject.toml", "README.md", "requirements.lock", "src"):
+    for needed in ("pyproject.toml", "README.md", "LICENSE", "requirements.lock", "src"):
         assert needed in copied, f"the build does not copy {needed}"
 
     user = only("USER").split(":")[0]
@@ -306,6 +309,7 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
     for needed in (
         "pyproject.toml",
         "README.md",
+        "LICENSE",
         "requirements.lock",
         "src/perago_worker/cli.py",
         "src/perago_worker/devstack/demo_app.py",
@@ -822,6 +826,34 @@ def _promtool_cases() -> Iterator[dict[str, Any]]:
             },
         ],
     }
+    yield {
+        "interval": "1m",
+        "input_series": [
+            # a worker whose scrape fails from minute 3 on: its metrics stop with it
+            {"series": 'up{job="w",instance="hung"}', "values": "1 1 1 0x40"},
+            {
+                "series": 'perago_worker_state{state="running",job="w",instance="hung"}',
+                "values": "1 1 1",
+            },
+            # a healthy worker, and a target down that never was a perago worker
+            {"series": 'up{job="w",instance="ok"}', "values": "1x40"},
+            {
+                "series": 'perago_worker_state{state="running",job="w",instance="ok"}',
+                "values": "1x40",
+            },
+            {"series": 'up{job="other",instance="db"}', "values": "0x40"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "5m", "alertname": "PeragoWorkerDown", "exp_alerts": []},
+            {
+                "eval_time": "10m",
+                "alertname": "PeragoWorkerDown",
+                "exp_alerts": [
+                    {"exp_labels": {"severity": "critical", "job": "w", "instance": "hung"}}
+                ],
+            },
+        ],
+    }
 
 
 @needs_promtool
@@ -1108,3 +1140,82 @@ def test_version_check_warns_when_the_version_cannot_be_read(answer: Any) -> Non
     result = _check(answer)
     assert (result.ok, result.warning, result.mark) == (True, True, "warn")
     assert ">= 3.32.0, < 3.33.0" in result.detail
+
+
+# -- autoscaling and disruptions --------------------------------------------------------------
+
+
+def scaled_object() -> dict[str, Any]:
+    return k8s("ScaledObject")
+
+
+def pod_capacity(settings: Settings) -> int:
+    """Attempts one pod of the Deployment takes at once: the sum over the app's task types of
+    their concurrency, times the processes of `run --processes N`."""
+    args = worker_container()["args"]
+    app = load_app(args[1])
+    processes = int(args[args.index("--processes") + 1]) if "--processes" in args else 1
+    per_process = sum(
+        settings.concurrency_for(name, spec.options.concurrency) for name, spec in app.tasks.items()
+    )
+    return processes * per_process
+
+
+def test_the_scaled_object_scales_the_deployment_on_the_demand(k8s_settings: Settings) -> None:
+    scaler = scaled_object()
+    assert scaler["apiVersion"] == "keda.sh/v1alpha1"
+    spec = scaler["spec"]
+    deployment = k8s("Deployment")
+    target = spec["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == ("apps/v1", "Deployment")
+    assert target["name"] == deployment["metadata"]["name"]
+    # The workers export the queue depth: with none running, nothing would scale them up.
+    assert spec["minReplicaCount"] >= 1
+    assert spec["minReplicaCount"] <= deployment["spec"]["replicas"] <= spec["maxReplicaCount"]
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    meta = trigger["metadata"]
+    assert urlsplit(meta["serverAddress"]).scheme in ("http", "https")
+    # One replica's share of the demand is what one pod can take at once.
+    assert float(meta["threshold"]) == pod_capacity(k8s_settings)
+    assert k8s_settings.queue_depth_every_seconds > 0, "the ConfigMap keeps the gauge on"
+
+
+def test_the_scaling_query_counts_each_queue_once_and_uses_exported_metrics() -> None:
+    query = scaled_object()["spec"]["triggers"][0]["metadata"]["query"]
+    series = exported_series()
+    used = set(re.findall(r"\bperago_[a-z0-9_]+\b", query))
+    assert used == {"perago_attempts_in_flight", "perago_queue_depth"}
+    assert used <= set(series)
+    # Every replica exports the same depth: it is taken once per task type (max), not summed.
+    assert re.search(r"max by \(task_type\) \(perago_queue_depth\{", query)
+    assert "sum(perago_queue_depth" not in query.replace(" ", "")
+    # An empty side (the reader off, no attempt yet) must not empty the whole sum.
+    assert query.count("or vector(0)") == 2
+    # It counts this Deployment's pods (the Deployment names them `<name>-<hash>-<id>`).
+    assert f'pod=~"{k8s("Deployment")["metadata"]["name"]}-.*"' in query
+
+
+def test_the_scaled_object_scales_down_slower_than_a_drain() -> None:
+    behavior = scaled_object()["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    down = behavior["scaleDown"]
+    grace = pod_spec()["terminationGracePeriodSeconds"]
+    assert down["stabilizationWindowSeconds"] >= 300
+    for policy in down["policies"]:
+        if policy["type"] == "Pods":
+            assert policy["value"] == 1
+            assert policy["periodSeconds"] > grace, "one pod drains before the next goes"
+
+
+def test_the_disruption_budget_covers_the_workers_one_at_a_time() -> None:
+    pdb = k8s("PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    spec = pdb["spec"]
+    labels = k8s("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert "minAvailable" not in spec, "maxUnavailable keeps working whatever the replica count"
+    rolling = k8s("Deployment")["spec"]["strategy"]["rollingUpdate"]
+    assert spec["maxUnavailable"] == rolling["maxUnavailable"] == 1
+    assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    # A node drain always leaves one replica serving.
+    assert scaled_object()["spec"]["minReplicaCount"] > spec["maxUnavailable"]

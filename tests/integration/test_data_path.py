@@ -271,6 +271,8 @@ def proxied_lakefs(
     """lakeFS on the session's store whose presigned URLs point at the corrupting proxy.
 
     Transient faults are retried for FAST_RETRY_SECONDS only: a corrupting store fails fast.
+    Every upload is presigned here, small ones too (by default those go through the API):
+    the corruption cases use small files.
     """
     with dedicated_lakefs(
         tmp_path_factory.mktemp("proxied"),
@@ -281,6 +283,9 @@ def proxied_lakefs(
         data_path="presign",
         retry_seconds=FAST_RETRY_SECONDS,
     ) as client:
+        transfers = client.transfers
+        assert isinstance(transfers, PresignedTransfers)
+        transfers.small_upload_bytes = 0
         yield client
 
 
@@ -784,6 +789,26 @@ def test_the_store_checks_the_host_a_url_was_signed_for(
     finally:
         conn.close()
     assert store_status(url) == (200, b"signed for one host")
+
+
+def test_a_small_file_goes_up_through_the_api_in_one_request_by_default(
+    proxied_lakefs: LakeFS, proxy: CorruptingProxy, proxied_repo: str, tmp_path: Path
+) -> None:
+    from perago_worker.lakefs.presigned import SMALL_UPLOAD_BYTES
+
+    transfers = proxied_lakefs.transfers
+    assert isinstance(transfers, PresignedTransfers)
+    default = PresignedTransfers(
+        transfers.api, blockstore="s3", multipart=True, timeout=10, retry_seconds=1
+    )
+    small, large = tmp_path / "small.bin", tmp_path / "large.bin"
+    small.write_bytes(b"s" * (SMALL_UPLOAD_BYTES - 1))
+    large.write_bytes(b"l" * SMALL_UPLOAD_BYTES)
+    with proxy.corrupting("none"):
+        upload_file(default, proxied_repo, "main", "sizes/small.bin", small)
+        assert proxy.seen == []  # through lakeFS: the store was not asked
+        upload_file(default, proxied_repo, "main", "sizes/large.bin", large)
+        assert proxy.seen == [("PUT", 200)]
 
 
 def test_the_proxy_is_faithful_when_it_corrupts_nothing(

@@ -5,17 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from perago_worker.settings import ConductorSettings, LakeFSSettings, Settings
+from perago_worker.settings import (
+    ConductorSettings,
+    LakeFSSettings,
+    ProxySettings,
+    Settings,
+    TLSSettings,
+    TracingSettings,
+)
 
 DOC = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
 
 
 def test_every_setting_has_a_row_in_the_configuration_reference() -> None:
     names = [
-        f"PERAGO_{n.upper()}" for n in Settings.model_fields if n not in ("lakefs", "conductor")
+        f"PERAGO_{n.upper()}"
+        for n in Settings.model_fields
+        if n not in ("lakefs", "conductor", "tracing", "tls", "proxy")
     ]
+    names += [f"PERAGO_TLS__{n.upper()}" for n in TLSSettings.model_fields]
+    names += [f"PERAGO_PROXY__{n.upper()}" for n in ProxySettings.model_fields]
     names += [f"PERAGO_LAKEFS__{n.upper()}" for n in LakeFSSettings.model_fields]
     names += [f"PERAGO_CONDUCTOR__{n.upper()}" for n in ConductorSettings.model_fields]
+    names += [f"PERAGO_TRACING__{n.upper()}" for n in TracingSettings.model_fields]
     missing = [n for n in names if f"`{n}`" not in DOC]
     assert missing == []
 
@@ -120,7 +132,13 @@ def _code_default(model: type, name: str) -> object:
 def test_every_default_in_the_configuration_reference_is_the_codes() -> None:
     import re
 
-    models = {"lakefs": LakeFSSettings, "conductor": ConductorSettings}
+    models = {
+        "lakefs": LakeFSSettings,
+        "conductor": ConductorSettings,
+        "tracing": TracingSettings,
+        "tls": TLSSettings,
+        "proxy": ProxySettings,
+    }
     rows = [r for r in _rows(DOC) if r[0].startswith("`PERAGO_")]
     assert len(rows) >= len(Settings.model_fields)
     for _env, field, default, _meaning in rows:
@@ -411,6 +429,7 @@ def test_the_data_path_section_quotes_the_presigned_paths_thresholds_and_renewal
     mib = 1 << 20
     quoted = [
         f"files of {presigned.MULTIPART_THRESHOLD // mib} MiB and more",
+        f"files under {presigned.SMALL_UPLOAD_BYTES // 1024} KiB through the API in one request",
         f"in {presigned.PART_SIZE // mib} MiB parts, {presigned.PART_THREADS} at a time",
         f"within {presigned.EXPIRY_MARGIN_SECONDS:.0f} s of its expiry",
         f"its first {presigned.PART_URL_BATCH} part URLs",

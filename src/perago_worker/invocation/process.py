@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydantic import BaseModel
 
-from perago_worker.app import RegistrationError, TaskSpec, _models_from_hints, load_app
+from perago_worker.app import RegistrationError, TaskSpec, load_app, models_from_hints
 from perago_worker.context import AttemptWorkspace, Cancelled, TaskContext, UnknownConfigKey
 from perago_worker.contract import FailureKind, TaskFailure, TerminalError
 from perago_worker.invocation.errors import DeadlineExceeded, HandlerDied, HandlerRaised
@@ -75,7 +75,7 @@ def resolve(ref: HandlerRef) -> tuple[Callable[..., Any], type[BaseModel], type[
     obj: Any = importlib.import_module(ref.module)
     for part in ref.qualname.split("."):
         obj = getattr(obj, part)
-    params_model, result_model = _models_from_hints(ref.task, obj)
+    params_model, result_model = models_from_hints(ref.task, obj)
     return obj, params_model, result_model
 
 
@@ -202,7 +202,7 @@ def _call_for(spec: TaskSpec, ctx: TaskContext, params: BaseModel, settings: Set
         ref=HandlerRef.of(spec),
         params=params.model_dump(mode="json"),
         fields={name: getattr(ctx, name) for name in _CONTEXT_FIELDS},
-        workspace=ctx._workspace,
+        workspace=ctx.workspace if ctx.has_workspace else None,
         config=ConfigLookup(values, settings.environment),
         seconds_left=ctx.seconds_left(),
         log_level=settings.log_level,

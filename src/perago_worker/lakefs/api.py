@@ -12,13 +12,13 @@ the execution ledger's small create-only records always travel this way.
 
 from __future__ import annotations
 
-import base64
 import json
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from perago_worker.credentials import Credentials
 from perago_worker.lakefs.connections import Connections
 from perago_worker.lakefs.errors import (
     LakeFSError,
@@ -29,6 +29,7 @@ from perago_worker.lakefs.errors import (
     translate,
 )
 from perago_worker.lakefs.transfers import Downloaded, ObjectInfo, exactly, write_body
+from perago_worker.network import Network
 from perago_worker.observability import metrics
 
 T = TypeVar("T")
@@ -64,11 +65,13 @@ class ApiTransfers:
         *,
         timeout: float,
         retry_seconds: float,
+        network: Network | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         parts = urllib.parse.urlsplit(endpoint)
         self._base = parts.path.rstrip("/") + "/api/v1"
-        token = base64.b64encode(f"{access_key_id}:{secret}".encode()).decode()
-        self.http = Connections(endpoint, timeout, {"Authorization": f"Basic {token}"})
+        self.credentials = credentials or Credentials(access_key_id, secret)
+        self.http = Connections(endpoint, timeout, network=network, credentials=self.credentials)
         self.retry_seconds = retry_seconds
 
     def close(self) -> None:

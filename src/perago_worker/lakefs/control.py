@@ -18,18 +18,23 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import lakefs_sdk
+import urllib3
 from lakefs_sdk.exceptions import ApiException
 
+from perago_worker.credentials import Credentials
 from perago_worker.lakefs.api import ApiTransfers
 from perago_worker.lakefs.errors import (
     DataPathUnavailable,
     LakeFSError,
     NotFound,
+    Unauthorized,
+    certificate_refused,
     retrying,
     translate,
 )
 from perago_worker.lakefs.presigned import PresignedTransfers
 from perago_worker.lakefs.transfers import Downloaded, ObjectInfo, Transfers
+from perago_worker.network import Network, certificate_message, is_certificate_failure
 
 T = TypeVar("T")
 DATA_PATHS = ("auto", "presign", "api")
@@ -52,6 +57,33 @@ class CommitInfo:
     message: str
     metadata: dict[str, str]
     creation_date: int
+
+
+class _Configuration(lakefs_sdk.Configuration):  # type: ignore[misc]
+    """The SDK's configuration, its Basic header always from the current `Credentials`."""
+
+    credentials: Credentials
+
+    def get_basic_auth_token(self) -> str:
+        return self.credentials.basic()
+
+
+def _pool_manager(network: Network, endpoint: str, maxsize: int) -> urllib3.PoolManager:
+    """The SDK's urllib3 pool with the worker's TLS context and proxy (the SDK would build
+    its own from `Configuration`, deaf to the proxy variables and `no_proxy`)."""
+    context = network.new_ssl_context()
+    if not network.verify:  # chosen (tls.verify: false): not a warning on every request
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    proxy = network.proxy_for(endpoint)
+    if proxy is None:
+        return urllib3.PoolManager(num_pools=4, maxsize=maxsize, ssl_context=context)
+    return urllib3.ProxyManager(
+        proxy.url,
+        num_pools=4,
+        maxsize=maxsize,
+        proxy_headers=dict(proxy.headers),
+        ssl_context=context,
+    )
 
 
 def _commit(c: Any) -> CommitInfo:
@@ -82,15 +114,22 @@ class LakeFS:
         timeout: float = 60.0,
         retry_seconds: float = 60.0,
         data_path: str = "auto",
+        network: Network | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         if data_path not in DATA_PATHS:
             raise ValueError(f"data_path must be one of {', '.join(DATA_PATHS)}, not {data_path!r}")
         self.endpoint = endpoint.rstrip("/")
-        config = lakefs_sdk.Configuration(
-            host=f"{self.endpoint}/api/v1", username=access_key_id, password=secret_access_key
-        )
+        self.network = network if network is not None else Network()
+        self.credentials = credentials or Credentials(access_key_id, secret_access_key)
+        config = _Configuration(host=f"{self.endpoint}/api/v1", username="", password="")
+        config.credentials = self.credentials
         config.connection_pool_maxsize = max(8, pool_size)
         self._client = lakefs_sdk.ApiClient(config)
+        self._client.rest_client.pool_manager.clear()
+        self._client.rest_client.pool_manager = _pool_manager(
+            self.network, self.endpoint, config.connection_pool_maxsize
+        )
         self.repos = lakefs_sdk.RepositoriesApi(self._client)
         self.branches = lakefs_sdk.BranchesApi(self._client)
         self.commits = lakefs_sdk.CommitsApi(self._client)
@@ -103,6 +142,8 @@ class LakeFS:
             secret_access_key,
             timeout=timeout,
             retry_seconds=retry_seconds,
+            network=self.network,
+            credentials=self.credentials,
         )
         self.data_path = data_path
         self._transfers: Transfers | None = None
@@ -167,18 +208,45 @@ class LakeFS:
         stalled socket would otherwise hang a fence-to-merge window forever.
         """
         kwargs.setdefault("_request_timeout", self.request_timeout)
+        version = self.credentials.version
+        try:
+            return self._call(fn, args, kwargs, retry)
+        except Unauthorized:
+            # A 401 to a key pair rotated since (or on disk, re-read now): once more.
+            self.credentials.reload()
+            if self.credentials.version == version:
+                raise
+            return self._call(fn, args, kwargs, retry)
+
+    def _call(
+        self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], retry: bool
+    ) -> T:
         if not retry:
             try:
                 return fn(*args, **kwargs)
             except ApiException as exc:
-                raise translate(exc.status or 0, exc.body) from None
+                raise self._translate(exc) from None
+            except urllib3.exceptions.HTTPError as exc:
+                if certificate_refused(exc):
+                    raise LakeFSError(0, certificate_message(self.endpoint, str(exc))) from None
+                raise
         try:
             for attempt in retrying(self._retry_seconds):
                 with attempt:
                     return fn(*args, **kwargs)
         except ApiException as exc:
-            raise translate(exc.status or 0, exc.body) from None
+            raise self._translate(exc) from None
+        except urllib3.exceptions.HTTPError as exc:
+            if certificate_refused(exc):  # urllib3 gave up: MaxRetryError(SSLError(...))
+                raise LakeFSError(0, certificate_message(self.endpoint, str(exc))) from None
+            raise
         raise AssertionError("unreachable")
+
+    def _translate(self, exc: ApiException) -> LakeFSError:
+        reason = str(getattr(exc, "reason", "") or "")
+        if not exc.status and is_certificate_failure(reason):  # the SDK's TLS failure
+            return LakeFSError(0, certificate_message(self.endpoint, reason))
+        return translate(exc.status or 0, exc.body)
 
     def storage_config(self) -> StorageConfig:
         config = self.call(lakefs_sdk.ConfigApi(self._client).get_config)

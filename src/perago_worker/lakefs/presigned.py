@@ -8,7 +8,8 @@ server off the per-object path of a download entirely, and off the byte path of 
 - **Downloads**: the listing's URL, streamed to disk; a URL that is about to expire, or
   that the store refuses (403), is renewed with `stat?presign=true`, once per try.
 - **Uploads**: `getPhysicalAddress(presign=true)`, a PUT of exactly the checked bytes, then
-  `linkPhysicalAddress` with the size and the store's ETag. Files of
+  `linkPhysicalAddress` with the size and the store's ETag; files under `SMALL_UPLOAD_BYTES`
+  go through the API in one request instead (see there why). Files of
   `MULTIPART_THRESHOLD` and more go up as a presigned multipart upload: `PART_URL_BATCH`
   part URLs come with its creation and each later part is presigned when the upload reaches
   it (so an upload that outlasts a URL's lifetime still completes; lakectl presigns every
@@ -62,6 +63,12 @@ PART_URL_BATCH = 8
 PART_THREADS = 4
 # The largest single PUT S3 accepts; without presigned multipart, larger files use the API.
 SINGLE_PUT_MAX = 5 * 1024 * MIB
+# Files smaller than this go up through the API in one request: a presigned upload costs
+# two lakeFS metadata calls (a staging address, then the link) plus the PUT, and for a small
+# body those two calls cost lakeFS about as much CPU as the whole upload through it
+# (measured on S3/VersityGW: 0.41 ms per metadata call, 0.72 ms per 16 KiB UploadObject),
+# while adding two round trips. Downloads are always presigned: the listing carries the URLs.
+SMALL_UPLOAD_BYTES = 64 * 1024
 # A URL obtained longer ago than this is renewed before it is used. lakeFS presigns for
 # `blockstore.<type>.pre_signed_expiry` (15 minutes by default); a 403 renews it too.
 URL_MAX_AGE_SECONDS = 300.0
@@ -128,6 +135,7 @@ class PresignedTransfers:
     ) -> None:
         self.api = api
         self.blockstore = blockstore
+        self.small_upload_bytes = SMALL_UPLOAD_BYTES
         self.multipart = multipart
         self._timeout = timeout
         self.retry_seconds = retry_seconds
@@ -150,7 +158,9 @@ class PresignedTransfers:
         with self._lock:
             conns = self._stores.get(origin)
             if conns is None:
-                conns = self._stores[origin] = Connections(origin, self._timeout)
+                conns = self._stores[origin] = Connections(
+                    origin, self._timeout, network=self.api.http.network
+                )
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         try:
             return conns.request(method, target, body=body, headers=headers), conns
@@ -213,7 +223,7 @@ class PresignedTransfers:
     def upload(self, repository: str, branch: str, key: str, fd: int, size: int) -> str:
         if self.multipart and size >= MULTIPART_THRESHOLD:
             return self._multipart(repository, branch, key, fd, size)
-        if size > SINGLE_PUT_MAX:
+        if size > SINGLE_PUT_MAX or size < self.small_upload_bytes:
             return self.api.upload(repository, branch, key, fd, size)
         backing = self.api.route(repository, "branches", branch, "staging/backing", path=key)
 

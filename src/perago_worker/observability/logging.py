@@ -91,8 +91,16 @@ def secret_values(settings: Settings) -> list[str]:
     values = [settings.lakefs.secret_access_key.get_secret_value()]
     if settings.conductor.auth_secret is not None:
         values.append(settings.conductor.auth_secret.get_secret_value())
+    # Secrets read from files (Kubernetes Secret volumes): what the files hold now.
+    from perago_worker.credentials import file_secret
+
+    values += [
+        file_secret(settings.lakefs.secret_access_key_file),
+        file_secret(settings.conductor.auth_secret_file),
+    ]
     values += [s.get_secret_value() for s in settings.handler_secrets.values()]
-    return values
+    values += [s.get_secret_value() for s in settings.tracing.headers.values()]
+    return [value for value in values if value]  # an unset secret masks nothing
 
 
 def configure(level: str = "INFO", fmt: str = "console", secrets: Iterable[str] = ()) -> None:

@@ -80,6 +80,13 @@ LAST_POLL = Gauge(
     "Unix time of the last successful poll or lease extension (the heartbeat).",
     multiprocess_mode="max",
 )
+QUEUE_DEPTH = Gauge(
+    "perago_queue_depth",
+    "Tasks waiting in Conductor's queue to be polled, per task type (the worker's task domain).",
+    ["task_type"],
+    # One process reads it (with --processes N the first child); gone with that process.
+    multiprocess_mode="livemax",
+)
 ABANDONED_THREADS = Gauge(
     "perago_abandoned_handler_threads",
     "Handler threads abandoned at their deadline that are still running (a thread cannot be "
