@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from perago_worker._version import __version__
@@ -242,6 +243,69 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _params_arg(text: str) -> dict[str, Any]:
+    """`--params '{"rows": 10}'` or `--params @params.json`."""
+    raw = text
+    if text.startswith("@"):
+        try:
+            raw = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise CliError(f"--params {text}: cannot read the file: {exc.strerror}") from None
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise CliError(f"--params: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise CliError(f"--params must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def cmd_ref(args: argparse.Namespace) -> int:
+    from perago_worker.launch import LaunchError, branch_workspace
+
+    settings = load_settings(args.config)
+    lakefs, _ = clients(settings)
+    try:
+        workspace = branch_workspace(lakefs, args.repository, args.branch)
+    except LaunchError as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(workspace.model_dump()))
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from perago_worker.launch import LaunchError, branch_workspace, merges, start, wait
+
+    settings = load_settings(args.config)
+    lakefs, conductor = clients(settings)
+    params = _params_arg(args.params) if args.params else {}
+    try:
+        workspace = branch_workspace(lakefs, args.repository, args.branch)
+        workflow_id = start(conductor, args.workflow, workspace, params, version=args.version)
+        print(
+            f"started {args.workflow} as {workflow_id} at {args.repository}/{args.branch} "
+            f"({workspace.ref[:12]})",
+            flush=True,
+        )
+        if not args.wait:
+            print(workflow_id)
+            return 0
+        run = wait(conductor, workflow_id, args.timeout)
+    except LaunchError as exc:
+        raise CliError(str(exc)) from None
+    print(f"workflow {workflow_id}: {run.status}")
+    if run.status != "COMPLETED":
+        failed = [t for t in run.tasks or [] if t.status not in ("COMPLETED", "SCHEDULED")]
+        for task in failed:
+            print(f"  {task.reference_task_name}: {task.status}: {task.reason_for_incompletion}")
+    print(json.dumps(run.output or {}, indent=2, sort_keys=True))
+    for merge in merges(lakefs, run):
+        print(f"merge by {merge.task}: {merge.commit}")
+        for key, value in sorted(merge.metadata.items()):
+            print(f"  {key}: {value}")
+    return 0 if run.status == "COMPLETED" else 1
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     print(json.dumps(settings.masked(), indent=2, sort_keys=True, default=str))
@@ -321,6 +385,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gc.add_argument("--dry-run", action="store_true")
     gc.set_defaults(fn=cmd_gc)
+
+    ref = sub.add_parser(
+        "ref", help="print the `workspace` input object for a branch's head (for scripts)"
+    )
+    ref.add_argument("repository")
+    ref.add_argument("branch")
+    ref.set_defaults(fn=cmd_ref)
+
+    start = sub.add_parser(
+        "start", help="start a workflow at a branch's head (the flat `workspace` input)"
+    )
+    start.add_argument("workflow", help="the workflow definition's name")
+    start.add_argument("--repository", required=True)
+    start.add_argument("--branch", required=True, help="its head is the input; the merge target")
+    start.add_argument("--params", default=None, help="a JSON object, or @file")
+    start.add_argument("--version", type=int, default=None, help="default: the latest")
+    start.add_argument(
+        "--wait", action="store_true", help="wait for the end; print the output and each merge"
+    )
+    start.add_argument(
+        "--timeout", type=_seconds, default=600.0, metavar="SECONDS", help="of --wait (600)"
+    )
+    start.set_defaults(fn=cmd_start)
 
     config = sub.add_parser("config", help="inspect settings")
     config_sub = config.add_subparsers(dest="config_command", required=True)

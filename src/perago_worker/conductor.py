@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -350,6 +351,25 @@ class Conductor:
             header_params={"Content-Type": "application/json"},
             _return_http_data_only=True,
         )
+
+    def workflow_exists(self, name: str, version: int | None = None) -> bool:
+        """Whether a workflow definition `name` (at `version`, or any) is registered."""
+        # Raw: the SDK's `get_workflow_metadata` asks an Orkes-only path (/metadata/tags/...).
+        query = [] if version is None else [("version", version)]
+        try:
+            self.call(
+                self._client.call_api,
+                f"/metadata/workflow/{urllib.parse.quote(name, safe='')}",
+                "GET",
+                query_params=query,
+                _return_http_data_only=True,
+                retry_seconds=5,
+            )
+        except ConductorError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     def start_workflow(
         self,

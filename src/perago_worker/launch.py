@@ -1,0 +1,105 @@
+"""Start a workflow at a branch head, wait for it, and say what it merged (`start`, `ref`).
+
+A task's input takes an immutable commit id, never a branch name, so that a retry reads
+what the first attempt read. A person (or a script) starting work thinks in branches: these
+functions resolve the branch's head once, start the workflow with exactly the contract's
+flat `workspace` input, and read back the provenance of every merge the run made.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from perago_worker.conductor import Conductor
+from perago_worker.contract import WorkspaceRef
+from perago_worker.lakefs import LakeFS, NotFound
+
+TERMINAL = ("COMPLETED", "FAILED", "TERMINATED", "TIMED_OUT")
+WAIT_POLL_SECONDS = 0.5
+
+
+class LaunchError(Exception):
+    """Something a person can fix, said in one line: what is wrong and what to do."""
+
+
+def branch_workspace(lakefs: LakeFS, repository: str, branch: str) -> WorkspaceRef:
+    """The `workspace` object for `branch`'s head: its commit, and the branch as the target."""
+    if not lakefs.repository_exists(repository):
+        raise LaunchError(
+            f"repository {repository!r} does not exist on {lakefs.endpoint}: create it "
+            "(lakectl repo create) or check the name"
+        )
+    try:
+        head = lakefs.branch_head(repository, branch)
+    except NotFound:
+        raise LaunchError(
+            f"branch {branch!r} does not exist in repository {repository!r}: create it "
+            f"(lakectl branch create lakefs://{repository}/{branch} --source ...) or check "
+            "the name"
+        ) from None
+    return WorkspaceRef(repository=repository, branch=branch, ref_type="commit", ref=head)
+
+
+def workflow_input(workspace: WorkspaceRef, params: dict[str, Any]) -> dict[str, Any]:
+    """What `start` sends: the flat `workspace` object and the params, nothing else."""
+    return {"workspace": workspace.model_dump(), "params": params}
+
+
+def start(
+    conductor: Conductor,
+    name: str,
+    workspace: WorkspaceRef,
+    params: dict[str, Any],
+    *,
+    version: int | None = None,
+) -> str:
+    """Start workflow `name` on `workspace`; its id."""
+    if not conductor.workflow_exists(name, version):
+        which = name if version is None else f"{name} version {version}"
+        raise LaunchError(
+            f"no workflow definition {which!r} on {conductor.url}: register it first "
+            "(PUT /api/metadata/workflow with its JSON)"
+        )
+    return conductor.start_workflow(name, workflow_input(workspace, params), version=version)
+
+
+def wait(conductor: Conductor, workflow_id: str, timeout: float) -> Any:
+    """The run once it is terminal; `LaunchError` when it is still running after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = conductor.get_workflow(workflow_id)
+        if run.status in TERMINAL:
+            return run
+        if time.monotonic() >= deadline:
+            raise LaunchError(
+                f"workflow {workflow_id} is still {run.status} after {timeout:g} s "
+                "(is a worker serving its task types? `perago-worker check APP`)"
+            )
+        time.sleep(WAIT_POLL_SECONDS)
+
+
+@dataclass(frozen=True)
+class Merge:
+    """One merge a run made: the task that made it, the commit, and its provenance."""
+
+    task: str  # the task's reference name
+    commit: str
+    metadata: dict[str, str]
+
+
+def merges(lakefs: LakeFS, run: Any) -> list[Merge]:
+    """Every completed task whose output names a new commit: the merge and its provenance."""
+    found = []
+    for task in run.tasks or []:
+        out = (task.output_data or {}).get("workspace")
+        given = (task.input_data or {}).get("workspace")
+        if task.status != "COMPLETED" or not isinstance(out, dict) or not isinstance(given, dict):
+            continue
+        if out.get("ref") == given.get("ref"):
+            continue  # nothing changed: the output ref is the input ref
+        commit = lakefs.get_commit(out["repository"], out["ref"])
+        provenance = {k: v for k, v in commit.metadata.items() if k.startswith("perago.")}
+        found.append(Merge(task.reference_task_name, commit.id, provenance))
+    return found
