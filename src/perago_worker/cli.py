@@ -306,6 +306,71 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0 if run.status == "COMPLETED" else 1
 
 
+def cmd_exec(args: argparse.Namespace) -> int:
+    """One task, once, without Conductor: materialize from lakeFS, checks, handler, checks,
+    and the change set a publish would make (nothing is published)."""
+    from perago_worker.launch import LaunchError, branch_workspace, commit_workspace
+    from perago_worker.materialize import materialize
+    from perago_worker.testing import HandlerEnvironment
+
+    from perago_worker.observability import logging as plog
+
+    settings = load_settings(args.config)
+    # Logs (masked) to stderr, as the worker's: stdout is the report, JSON for scripts.
+    plog.configure(settings.log_level, settings.log_format, plog.secret_values(settings))
+    app = load_worker(args.app)
+    if args.task not in app.tasks:
+        known = ", ".join(sorted(app.tasks)) or "none"
+        raise CliError(f"{args.app} has no task {args.task!r} (registered: {known})")
+    spec = app.tasks[args.task]
+    params = _params_arg(args.params) if args.params else {}
+    lakefs, _ = clients(settings)
+    try:
+        if spec.workspace is None:
+            source = None
+        elif not (args.ref or args.branch):
+            raise CliError(f"task {args.task!r} has a workspace: give --ref COMMIT or --branch B")
+        elif args.ref:
+            source = commit_workspace(lakefs, args.repository, args.ref, args.branch or "main")
+        else:
+            source = branch_workspace(lakefs, args.repository, args.branch)
+    except LaunchError as exc:
+        raise CliError(str(exc)) from None
+    if source is not None and not settings.repository_allowed(source.repository):
+        raise CliError(f"repository {source.repository!r} is not in allowed_repositories")
+
+    def from_lakefs(root: Path, prefix: str) -> Any:
+        assert source is not None
+        manifest, _ = materialize(
+            lakefs,
+            source.repository,
+            source.ref,
+            prefix,
+            root,
+            concurrency=settings.transfer_concurrency,
+        )
+        return manifest
+
+    env = HandlerEnvironment(app, settings=settings, scratch=settings.scratch_root / "exec")
+    where = f"repository {args.repository!r} at {source.ref[:12]}" if source else "none"
+    run = env.run_with(args.task, params, from_lakefs, where=where, source=source, keep=args.keep)
+    report: dict[str, Any] = {"status": str(run.status), "result": run.result}
+    if not run.ok:
+        report.update(kind=run.kind, reason=run.reason)
+    if source is not None:
+        report["input"] = source.model_dump()
+    if run.changes is not None:
+        report["changes"] = {
+            "added": [{"path": f.rel.as_posix(), "size": f.size} for f in run.changes.added],
+            "modified": [{"path": f.rel.as_posix(), "size": f.size} for f in run.changes.modified],
+            "deleted": [r.as_posix() for r in run.changes.deleted],
+        }
+    if run.root is not None:
+        report["workspace"] = str(run.root)
+    print(json.dumps(report, indent=2))
+    return 0 if run.ok else 1
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     print(json.dumps(settings.masked(), indent=2, sort_keys=True, default=str))
@@ -408,6 +473,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, default=600.0, metavar="SECONDS", help="of --wait (600)"
     )
     start.set_defaults(fn=cmd_start)
+
+    exec_ = sub.add_parser(
+        "exec",
+        help="run one task once on real lakeFS data, without Conductor; print the result and "
+        "the change set a publish would make (nothing is published)",
+    )
+    exec_.add_argument("app")
+    exec_.add_argument("task")
+    exec_.add_argument("--repository", required=True)
+    exec_.add_argument("--ref", default=None, help="a full commit id")
+    exec_.add_argument("--branch", default=None, help="its head is the input, unless --ref")
+    exec_.add_argument("--params", default=None, help="a JSON object, or @file")
+    exec_.add_argument("--keep", action="store_true", help="leave the workspace folder")
+    exec_.set_defaults(fn=cmd_exec)
 
     config = sub.add_parser("config", help="inspect settings")
     config_sub = config.add_subparsers(dest="config_command", required=True)

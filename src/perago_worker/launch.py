@@ -42,6 +42,23 @@ def branch_workspace(lakefs: LakeFS, repository: str, branch: str) -> WorkspaceR
     return WorkspaceRef(repository=repository, branch=branch, ref_type="commit", ref=head)
 
 
+def commit_workspace(lakefs: LakeFS, repository: str, ref: str, branch: str) -> WorkspaceRef:
+    """The `workspace` object for a full commit id (a branch name or a short id is refused,
+    as a task's input refuses it)."""
+    if not lakefs.repository_exists(repository):
+        raise LaunchError(f"repository {repository!r} does not exist on {lakefs.endpoint}")
+    try:
+        commit = lakefs.get_commit(repository, ref)
+    except NotFound:
+        raise LaunchError(f"no commit {ref!r} in repository {repository!r}") from None
+    if commit.id != ref:
+        raise LaunchError(
+            f"--ref {ref!r} is a branch, tag or abbreviation (it resolves to commit "
+            f"{commit.id}); give the full commit id, or use --branch"
+        )
+    return WorkspaceRef(repository=repository, branch=branch, ref_type="commit", ref=ref)
+
+
 def workflow_input(workspace: WorkspaceRef, params: dict[str, Any]) -> dict[str, Any]:
     """What `start` sends: the flat `workspace` object and the params, nothing else."""
     return {"workspace": workspace.model_dump(), "params": params}

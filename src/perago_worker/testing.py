@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,13 +54,16 @@ from perago_worker.attempt import (
 from perago_worker.changes import ChangeSet, FileSignature, Manifest, ManifestEntry, digest_fd
 from perago_worker.checks import run_checks
 from perago_worker.context import AttemptWorkspace, Cancelled, TaskContext
-from perago_worker.contract import FailureKind, Status, TaskFailure, bound_reason
+from perago_worker.contract import FailureKind, Status, TaskFailure, WorkspaceRef, bound_reason
 from perago_worker.materialize import settle
 from perago_worker.observability import logging as plog
 from perago_worker.paths import TreeShape, UnsafeKey, key_to_relative
 from perago_worker.settings import Settings
 
-__all__ = ["FileChange", "HandlerEnvironment", "HandlerRun"]
+__all__ = ["FileChange", "HandlerEnvironment", "HandlerRun", "Materializer"]
+
+# Makes a workspace: (root, the task's key prefix) -> the manifest of the files it wrote.
+Materializer = Callable[[Path, str], Manifest]
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,35 @@ class HandlerEnvironment:
         spec = self._spec(task)
         if spec.workspace is None and (files or folder is not None):
             raise ValueError(f"task {task!r} is workspace-free: it takes no files")
+        return self.run_with(
+            task,
+            params,
+            lambda root, _prefix: _materialize(root, files, folder),
+            where="the test's files",
+            keep=keep,
+            timeout=timeout,
+            cancel_after=cancel_after,
+            retry_count=retry_count,
+        )
+
+    def run_with(
+        self,
+        task: str,
+        params: Mapping[str, Any] | BaseModel | None,
+        materializer: Materializer,
+        *,
+        where: str,
+        source: WorkspaceRef | None = None,
+        keep: bool = False,
+        timeout: float | None = None,
+        cancel_after: float | None = None,
+        retry_count: int = 0,
+    ) -> HandlerRun:
+        """`run` with the workspace made by `materializer(root, key_prefix)` (which returns
+        the manifest of what it wrote): `perago-worker exec` materializes from lakeFS.
+        `source` names the repository, branch and input ref the handler sees (`where` says
+        it in a refusal)."""
+        spec = self._spec(task)
         raw = (
             params.model_dump(mode="json") if isinstance(params, BaseModel) else dict(params or {})
         )
@@ -177,7 +209,7 @@ class HandlerEnvironment:
             timer.start()
         try:
             with self._loop_for(spec):
-                return self._run(spec, raw, ctx, files, folder, keep)
+                return self._run(spec, raw, ctx, materializer, where, source, keep)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -189,8 +221,9 @@ class HandlerEnvironment:
         spec: TaskSpec,
         raw: dict[str, Any],
         ctx: TaskContext,
-        files: Mapping[str, bytes | str] | None,
-        folder: Path | None,
+        materializer: Materializer,
+        where: str,
+        source: WorkspaceRef | None,
         keep: bool,
     ) -> HandlerRun:
         root: Path | None = None
@@ -201,10 +234,15 @@ class HandlerEnvironment:
                 run.result = call_handler(spec, ctx, params, self.settings, ctx.log)
                 return run
             root = self._new_root()
-            manifest = _materialize(root, files, folder)
             prefix = spec.workspace.key_prefix
-            require_distinct_inputs(manifest, prefix, self.settings, "the test's files")
-            ctx.bind_workspace(AttemptWorkspace(root, "local", "test", "local", prefix))
+            manifest = materializer(root, prefix)
+            require_distinct_inputs(manifest, prefix, self.settings, where)
+            repository, branch, ref = (
+                (source.repository, source.branch, source.ref)
+                if source is not None
+                else ("local", "test", "local")
+            )
+            ctx.bind_workspace(AttemptWorkspace(root, repository, branch, ref, prefix))
             raise_check_failures(run_checks(spec.pre, root), FailureKind.PRE_CHECK, "input")
             ctx.check_cancelled()
             run.result = call_handler(spec, ctx, params, self.settings, ctx.log)

@@ -1,0 +1,107 @@
+"""`perago-worker exec`: one task, once, on real lakeFS data, without Conductor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perago_testing import new_repository, seed
+from perago_worker.devstack.servers import Endpoints
+from perago_worker.lakefs import LakeFS
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def data(lakefs: LakeFS, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    repo = new_repository(lakefs, "exec")
+    files = {"x/in.txt": b"one\ntwo\n", "x/old.txt": b"old"}
+    return repo, seed(lakefs, repo, files, tmp_path_factory.mktemp("seed"))
+
+
+def cli(endpoints: Endpoints, tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERAGO_")}
+    env.update(endpoints.as_env())
+    env.update({"PYTHONPATH": str(HERE), "PERAGO_SCRATCH_ROOT": str(tmp / "scratch")})
+    return subprocess.run(
+        [sys.executable, "-m", "perago_worker.cli", "exec", "exec_app:app", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_exec_on_a_branch_prints_the_result_and_the_change_set_and_publishes_nothing(
+    endpoints: Endpoints, lakefs: LakeFS, data: tuple[str, str], tmp_path: Path
+) -> None:
+    repo, head = data
+    result = cli(endpoints, tmp_path, "exec_edit", "--repository", repo, "--branch", "main")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["status"] == "COMPLETED" and report["result"] == {"lines": 2}
+    assert report["input"] == {
+        "repository": repo,
+        "branch": "main",
+        "ref_type": "commit",
+        "ref": head,
+    }
+    assert report["changes"] == {
+        "added": [{"path": "out.txt", "size": 8}],
+        "modified": [{"path": "in.txt", "size": 8}],
+        "deleted": ["old.txt"],
+    }
+    assert lakefs.branch_head(repo, "main") == head  # nothing published
+    assert "workspace" not in report and not any((tmp_path / "scratch" / "exec").iterdir())
+
+
+def test_exec_keep_leaves_the_workspace_for_inspection(
+    endpoints: Endpoints, data: tuple[str, str], tmp_path: Path
+) -> None:
+    repo, head = data
+    result = cli(endpoints, tmp_path, "exec_edit", "--repository", repo, "--ref", head, "--keep")
+    report = json.loads(result.stdout)
+    kept = Path(report["workspace"])
+    assert (kept / "in.txt").read_text() == "ONE\nTWO\n" and (kept / "out.txt").exists()
+
+
+def test_exec_failures_print_the_kind_and_reason_a_task_would_get(
+    endpoints: Endpoints, data: tuple[str, str], tmp_path: Path
+) -> None:
+    repo, head = data
+    args = ["exec_edit", "--repository", repo, "--ref", head, "--params", '{"fail": true}']
+    result = cli(endpoints, tmp_path, *args)
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert (report["status"], report["kind"]) == ("FAILED", "handler_error")
+    assert report["reason"] == "handler_error: ValueError: the input is not what I expected"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--ref", "main"], "is a branch, tag or abbreviation"),
+        ([], "give --ref COMMIT or --branch B"),
+        (["--branch", "nope"], "branch 'nope' does not exist"),
+    ],
+)
+def test_exec_refuses_an_unusable_input_in_one_line(
+    endpoints: Endpoints, data: tuple[str, str], tmp_path: Path, args: list[str], says: str
+) -> None:
+    result = cli(endpoints, tmp_path, "exec_edit", "--repository", data[0], *args)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert says in line
+
+
+def test_exec_runs_a_workspace_free_task(endpoints: Endpoints, tmp_path: Path) -> None:
+    args = ["exec_hello", "--repository", "unused", "--params", '{"name": "ada"}']
+    result = cli(endpoints, tmp_path, *args)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"status": "COMPLETED", "result": {"text": "hello ada"}}
