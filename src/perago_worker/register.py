@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,22 @@ MANAGED_FIELDS = (
 COMPATIBILITY_FIELDS = ("response_timeout_seconds", "input_keys", "output_keys")
 DEFAULT_OWNER = "perago-worker@localhost"
 MARK = "[perago-worker]"  # ends the description of every definition this tool manages
+_OWNED = re.compile(r"\[perago-worker(?: app=(?P<app>[^\]\s]+))?\]$")
+
+
+def owner_mark(app_path: str | None) -> str:
+    """What ends a managed definition's description: the mark, naming the app that
+    registered it (`module:attribute`) when it was loaded by path."""
+    return MARK if not app_path else f"[perago-worker app={app_path}]"
+
+
+def owner_of(description: str | None) -> str | None:
+    """The app a managed definition belongs to ("" when its mark names none), or None for a
+    definition this tool does not manage."""
+    match = _OWNED.search(description or "")
+    if match is None:
+        return None
+    return match.group("app") or ""
 
 
 def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -122,7 +139,7 @@ def task_def_for(
     )
     return TaskDef(
         name=spec.name,
-        description=f"{spec.description or spec.qualname} {MARK}",
+        description=f"{spec.description or spec.qualname} {owner_mark(spec.app_path)}",
         retry_count=options.retries,
         retry_logic=options.retry_logic,
         retry_delay_seconds=options.retry_delay_seconds,
@@ -213,8 +230,16 @@ class Coverage:
 
 
 def coverage(app: Worker, defined: list[TaskDef]) -> Coverage:
-    """Pure: compare handlers with the definitions Conductor holds (managed ones marked)."""
+    """Pure: compare handlers with the definitions Conductor holds.
+
+    A definition without a handler counts only when it is this app's: `register` records
+    the app in the mark it writes, so another perago app's definitions on the same Conductor
+    are not "no handler" here. A mark naming no app counts only for an app loaded without a
+    path (built in-process), as before the owner was recorded.
+    """
     handlers = set(app.tasks)
     names = {d.name for d in defined}
-    managed = {d.name for d in defined if (d.description or "").endswith(MARK)}
+    paths = {spec.app_path for spec in app.tasks.values()}
+    ours = (paths.pop() or "") if len(paths) == 1 else ""
+    managed = {d.name for d in defined if owner_of(d.description) == ours}
     return Coverage(sorted(handlers - names), sorted(managed - handlers))

@@ -109,7 +109,7 @@ def test_register_creates_definitions_with_json_schemas(
     ws = defs[f"opsws_{S}"]
     assert ws.response_timeout_seconds == 300
     assert sorted(ws.input_keys) == ["params", "workspace"]
-    assert ws.description.endswith("[perago-worker]")
+    assert ws.description.endswith(f"[perago-worker app={APP}]")
     again = cli(env, "register", APP, "--dry-run")
     assert f"opsws_{S}: up to date" in again.stdout
 
