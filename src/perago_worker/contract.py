@@ -214,7 +214,13 @@ def parse_input(raw: dict[str, Any], *, wants_workspace: bool) -> TaskInput:
     except ValidationError as exc:
         raise TaskFailure(FailureKind.INVALID_INPUT, describe_validation_error(exc, "")) from None
     if wants_workspace and parsed.workspace is None:
-        raise TaskFailure(FailureKind.INVALID_INPUT, "workspace: required for a workspace task")
+        raise TaskFailure(
+            FailureKind.INVALID_INPUT,
+            "workspace: required for a workspace task; map it in the workflow definition "
+            '("workspace": "${workflow.input.workspace}", or a previous task\'s '
+            '"${ref.output.workspace}") and start the workflow with one '
+            "(perago-worker start, or the object perago-worker ref prints)",
+        )
     if not wants_workspace and parsed.workspace is not None:
         raise TaskFailure(
             FailureKind.INVALID_INPUT,

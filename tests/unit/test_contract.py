@@ -340,3 +340,11 @@ def test_workspace_ref_is_frozen() -> None:
     ref = WorkspaceRef(**_workspace())
     with pytest.raises(ValueError, match=re.escape("frozen")):
         ref.branch = "other"  # type: ignore[misc]
+
+
+def test_a_workspace_task_without_a_workspace_says_how_to_give_it_one() -> None:
+    with pytest.raises(TaskFailure) as caught:
+        parse_input({"params": {}}, wants_workspace=True)
+    reason = caught.value.reason
+    assert reason.startswith("invalid_input: workspace: required for a workspace task; ")
+    assert '"${workflow.input.workspace}"' in reason and "perago-worker start" in reason
