@@ -282,17 +282,23 @@ def cmd_start(args: argparse.Namespace) -> int:
     try:
         workspace = branch_workspace(lakefs, args.repository, args.branch)
         workflow_id = start(conductor, args.workflow, workspace, params, version=args.version)
+        # The note on stderr: `id=$(perago-worker start ...)` captures the id alone.
         print(
             f"started {args.workflow} as {workflow_id} at {args.repository}/{args.branch} "
             f"({workspace.ref[:12]})",
+            file=sys.stderr,
             flush=True,
         )
         if not args.wait:
             print(workflow_id)
             return 0
-        run = wait(conductor, workflow_id, args.timeout)
     except LaunchError as exc:
         raise CliError(str(exc)) from None
+    try:
+        run = wait(conductor, workflow_id, args.timeout)
+    except LaunchError as exc:  # it started: not a usage error (2), the run did not finish
+        print(f"perago-worker: {exc}", file=sys.stderr)
+        return 1
     print(f"workflow {workflow_id}: {run.status}")
     if run.status != "COMPLETED":
         failed = [t for t in run.tasks or [] if t.status not in ("COMPLETED", "SCHEDULED")]
@@ -311,9 +317,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     and the change set a publish would make (nothing is published)."""
     from perago_worker.launch import LaunchError, branch_workspace, commit_workspace
     from perago_worker.materialize import materialize
-    from perago_worker.testing import HandlerEnvironment
-
     from perago_worker.observability import logging as plog
+    from perago_worker.testing import HandlerEnvironment
 
     settings = load_settings(args.config)
     # Logs (masked) to stderr, as the worker's: stdout is the report, JSON for scripts.

@@ -39,7 +39,10 @@ def _stamp(path: Path | None) -> _Stamp:
 
 
 def _read(path: Path) -> str:
-    value = path.read_text().strip()
+    try:
+        value = path.read_text().strip()
+    except ValueError:  # not UTF-8 (caught mid-write): never echo the bytes, they are secret
+        raise CredentialsError(f"{path} is not text (being rewritten?)") from None
     if not value:
         raise CredentialsError(f"{path} is empty")
     return value
@@ -143,7 +146,7 @@ def file_secret(path: Path | None) -> str:
         return ""
     try:
         return path.read_text().strip()
-    except OSError:
+    except (OSError, ValueError):
         return ""
 
 

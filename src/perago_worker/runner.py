@@ -568,7 +568,11 @@ class Runner:
         spec, ctx = entry.spec, entry.ctx
         ctx.log.info("attempt.start", reference_name=ctx.reference_name)
         started = time.monotonic()
-        span = tracing.attempt(ctx, entry.polled, self.settings)  # the trace's root; or a no-op
+        try:
+            span = tracing.attempt(ctx, entry.polled, self.settings)  # the root; or a no-op
+        except Exception as exc:  # tracing must never hold a task: it runs untraced
+            ctx.log.warning("tracing.failed", error=type(exc).__name__)
+            span = tracing.OFF
         try:
             attempt = Attempt(
                 spec,
@@ -664,6 +668,7 @@ class Runner:
         """
         every = self.settings.queue_depth_every_seconds
         names = sorted(self.app.tasks)
+        warned: dict[str, int] = {}  # task type -> the undomained count last warned about
         while not self._draining.is_set():
             beat.stamp(call_bound(self._request_timeout, QUEUE_DEPTH_RETRY_SECONDS))
             try:
@@ -675,8 +680,34 @@ class Runner:
             else:
                 for name, size in sizes.items():
                     metrics.QUEUE_DEPTH.labels(task_type=name).set(size)
+            if self.settings.task_domain:
+                self._warn_undomained(names, warned)
             beat.stamp(every)
             self._draining.wait(every)
+
+    def _warn_undomained(self, names: list[str], warned: dict[str, int]) -> None:
+        """Tasks waiting in the queue *without* a domain while this worker polls one: the
+        workflow was started without `taskToDomain`, and no worker of this domain will ever
+        see them. Said once per task type and count, so a stuck newcomer reads why."""
+        domain = self.settings.task_domain
+        try:
+            waiting = self.deps.conductor.queue_sizes(
+                names, None, retry_seconds=QUEUE_DEPTH_RETRY_SECONDS
+            )
+        except Exception:
+            return  # the domained read above already says whether Conductor answers
+        for name, count in waiting.items():
+            if count > 0 and warned.get(name) != count:
+                self.log.warning(
+                    "queue.undomained",
+                    task_type=name,
+                    waiting=count,
+                    domain=domain,
+                    hint=f"{count} task(s) of type {name} wait without a domain, but this "
+                    f"worker polls domain {domain!r}: start the workflow with taskToDomain "
+                    f'{{"{name}": "{domain}"}} (or run a worker without task_domain)',
+                )
+            warned[name] = count
 
     # -- leases ---------------------------------------------------------------------------
 

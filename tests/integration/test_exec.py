@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from perago_testing import new_repository, seed
+from perago_worker.conductor import Conductor
 from perago_worker.devstack.servers import Endpoints
 from perago_worker.lakefs import LakeFS
 
@@ -105,3 +106,50 @@ def test_exec_runs_a_workspace_free_task(endpoints: Endpoints, tmp_path: Path) -
     result = cli(endpoints, tmp_path, *args)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"status": "COMPLETED", "result": {"text": "hello ada"}}
+
+
+# -- a worker polling a domain the workflow does not use ------------------------------------
+
+
+def test_a_worker_polling_a_domain_says_when_its_tasks_wait_without_one(
+    endpoints: Endpoints, conductor: Conductor, tmp_path: Path
+) -> None:
+    import time
+
+    from perago_testing import one_task_workflow
+    from perago_worker.app import load_app
+    from perago_worker.devstack.demo import register_app
+    from perago_worker.devstack.worker_process import start_worker
+
+    register_app(conductor, load_app("exec_app:app"), retries=0)
+    name = one_task_workflow(conductor, "exec_hello", ["params"])
+    worker = start_worker(
+        "exec_app:app",
+        endpoints,
+        tmp_path / "alice",
+        env={
+            "PYTHONPATH": str(HERE),
+            "PERAGO_ENVIRONMENT": "personal-alice",  # polls domain "alice"
+            "PERAGO_QUEUE_DEPTH_EVERY_SECONDS": "1",
+        },
+        skip_preflight=True,
+    )
+    workflow_id = conductor.start_workflow(name, {"params": {"name": "bob"}})  # no domain
+    try:
+        deadline = time.monotonic() + 30
+        warned: list[dict[str, object]] = []
+        while not warned and time.monotonic() < deadline:
+            warned = [e for e in worker.events() if e.get("event") == "queue.undomained"]
+            time.sleep(0.2)
+        assert warned, "no queue.undomained warning"
+        event = warned[0]
+        assert (event["task_type"], event["domain"]) == ("exec_hello", "alice")
+        assert 'taskToDomain {"exec_hello": "alice"}' in str(event["hint"])
+        assert conductor.get_workflow(workflow_id).tasks[0].status == "SCHEDULED"
+    finally:
+        import httpx
+
+        httpx.delete(
+            f"{conductor.url}/workflow/{workflow_id}", params={"reason": "test done"}, timeout=30
+        )
+        worker.stop()

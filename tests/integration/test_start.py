@@ -155,7 +155,7 @@ def test_start_without_wait_prints_the_workflow_id_and_a_failed_run_exits_1(
     args = ["start", WORKFLOW, "--repository", repo, "--branch", name]
     started = cli(endpoints, *args, "--params", '{"text": "x"}')
     assert started.returncode == 0, started.stderr
-    workflow_id = started.stdout.splitlines()[-1]
+    [workflow_id] = started.stdout.splitlines()  # the id alone: the note is on stderr
     assert conductor.get_workflow(workflow_id).input["workspace"]["repository"] == repo
     failed = cli(endpoints, *args, "--params", '{"text": "x", "fail": true}', "--wait")
     assert failed.returncode == 1

@@ -62,6 +62,7 @@ from perago_worker.devstack.servers import (
 )
 from perago_worker.lakefs import LakeFS, LakeFSError, Unauthorized
 from perago_worker.lakefs.connections import Connections
+from perago_worker.lakefs.presigned import SMALL_UPLOAD_BYTES
 from perago_worker.network import CertificateRefused
 from perago_worker.settings import ConductorSettings, LakeFSSettings, Settings, TLSSettings
 
@@ -514,7 +515,8 @@ def _round_trip(lakefs: LakeFS, repo: str, tmp_path: Path, tag: str) -> None:
     branch = f"b-{tag}"
     lakefs.create_branch(repo, branch, "main", hidden=False)
     source = tmp_path / f"{tag}.bin"
-    payload = os.urandom(4096) + tag.encode()
+    # At the presigned path's threshold: a presigned PUT (smaller files go through the API).
+    payload = os.urandom(SMALL_UPLOAD_BYTES) + tag.encode()
     source.write_bytes(payload)
     key = f"data/{tag}.bin"
     fd = os.open(source, os.O_RDONLY)

@@ -227,3 +227,16 @@ def test_the_handlers_guide_quotes_the_grace_and_the_loops_heartbeat() -> None:
     section = guide[guide.index("## Async handlers") :]
     assert f"is given {loop_module.CANCEL_GRACE_SECONDS:.0f} s, then abandoned" in section
     assert loop_module.BEAT_SECONDS == 1.0 and "stamps a heartbeat every\n  second" in section
+
+
+def test_a_lost_lease_starts_the_grace_at_once_not_at_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(loop_module, "CANCEL_GRACE_SECONDS", 0.3)
+    ctx = ctx_for("t-swallow-lease")  # no deadline at all
+    threading.Timer(0.3, ctx.cancel, args=("lease lost",)).start()
+    started = time.monotonic()
+    with pytest.raises(Cancelled, match="lease lost"):
+        run(ctx, do="swallow", seconds=4.0)
+    assert time.monotonic() - started < 3.0  # not the handler's 8 s of sleeping
+    assert SEEN["t-swallow-lease"] == ["swallowed"]

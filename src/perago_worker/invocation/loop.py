@@ -64,9 +64,14 @@ class HandlerLoop:
         with self._lock:
             if stamp in self._beats:
                 self._beats.remove(stamp)
-            last = not self._beats
-        if last:
-            self.stop()
+            if self._beats:
+                return
+            # The last one out: taken under the lock, so a runner acquiring meanwhile starts
+            # a new loop instead of getting this one as it stops.
+            loop, thread = self._loop, self._thread
+            self._loop = None
+            self._thread = None
+        _stop(loop, thread)
 
     def start(self) -> asyncio.AbstractEventLoop:
         """The running loop, started on first use."""
@@ -102,30 +107,33 @@ class HandlerLoop:
             loop, thread = self._loop, self._thread
             self._loop = None
             self._thread = None
-        if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
-        if thread is not None:
-            thread.join(timeout)
+        _stop(loop, thread, timeout)
 
     def submit(
         self, coro: Coroutine[Any, Any, Any], ctx: TaskContext
     ) -> concurrent.futures.Future[Any]:
         """Run `coro` on the loop as a task that `ctx`'s cancellation cancels."""
         loop = self.start()
+        # Both sides run on the loop's thread, so a cancellation can never fall between the
+        # task's start and its registration: either the task exists and is cancelled, or it
+        # finds the flag when it starts.
         task_box: list[asyncio.Task[Any]] = []
-        early = threading.Event()
+        early: list[bool] = []
+
+        def cancel_on_loop() -> None:
+            if task_box:
+                task_box[0].cancel()
+            else:
+                early.append(True)
 
         def cancel() -> None:  # any thread; under the context's lock: only schedules
-            if task_box:
-                loop.call_soon_threadsafe(task_box[0].cancel)
-            else:
-                early.set()
+            loop.call_soon_threadsafe(cancel_on_loop)
 
         async def main() -> Any:
             task = asyncio.current_task()
             assert task is not None
             task_box.append(task)
-            if early.is_set():
+            if early:
                 coro.close()
                 raise asyncio.CancelledError
             return await coro
@@ -133,6 +141,15 @@ class HandlerLoop:
         future = asyncio.run_coroutine_threadsafe(main(), loop)
         ctx.on_cancel(cancel)
         return future
+
+
+def _stop(
+    loop: asyncio.AbstractEventLoop | None, thread: threading.Thread | None, timeout: float = 5.0
+) -> None:
+    if loop is not None:
+        loop.call_soon_threadsafe(loop.stop)
+    if thread is not None:
+        thread.join(timeout)
 
 
 LOOP = HandlerLoop()
@@ -147,13 +164,19 @@ def run_on_loop(spec: TaskSpec, ctx: TaskContext, params: BaseModel) -> Any:
     coro = spec.fn(ctx, params)
     assert asyncio.iscoroutine(coro), f"{spec.qualname} is not a coroutine function"
     future = LOOP.submit(coro, ctx)
+    # Until the handler ends, the deadline passes, or the attempt is cancelled (a lost lease,
+    # the drain): a cancellation starts the grace at once, not at the deadline.
+    finished = threading.Event()
+    ctx.on_cancel(finished.set)
+    future.add_done_callback(lambda _: finished.set())
     timeout = None if ctx.deadline is None else max(0.0, ctx.deadline - time.monotonic())
-    try:
-        return _outcome(future, ctx, timeout)
-    except concurrent.futures.TimeoutError:
+    finished.wait(timeout)
+    if future.done() and not ctx.cancelled:
+        return _outcome(future, ctx, 0)
+    if not ctx.cancelled:
         ctx.expire("the attempt passed its deadline")
-    # Cancelled now (by the deadline, or just before it for another reason): give the
-    # coroutine the grace to unwind its `finally` blocks and end.
+    # Cancelled now (by the deadline, or for another reason): give the coroutine the grace
+    # to unwind its `finally` blocks and end.
     try:
         _outcome(future, ctx, CANCEL_GRACE_SECONDS)
         ended = True

@@ -15,10 +15,13 @@ again with the new one.
 
 from __future__ import annotations
 
+import errno
 import http.client
+import socket
 import ssl
 import threading
 import urllib.parse
+import weakref
 from typing import Any
 
 from perago_worker.credentials import Credentials
@@ -30,6 +33,36 @@ BLOCK = 1 << 20
 class CredentialsChanged(ConnectionError):
     """A 401 to a request sent with a key pair that has been rotated since: send it again
     (a `ConnectionError`, so the retry policy does, rebuilding a streamed body)."""
+
+
+class _Slot:
+    """One thread's connection. The thread-local holds the only strong reference, so when the
+    thread ends (a transfer pool per attempt) the slot is collected and its socket closed:
+    the connection list never outlives the threads that used it."""
+
+    __slots__ = ("__weakref__", "conn", "response")
+
+    def __init__(self, conn: http.client.HTTPConnection) -> None:
+        self.conn: http.client.HTTPConnection | None = conn
+        self.response: http.client.HTTPResponse | None = None  # the last one it answered
+        weakref.finalize(self, conn.close)
+
+
+# Network faults that are plain OSErrors, not ConnectionError/TimeoutError: a DNS answer that
+# did not come, a route that went away. Retried like a reset (see `request`).
+_NETWORK_ERRNOS = frozenset(
+    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.ECONNABORTED}
+)
+
+
+def _network_fault(exc: OSError) -> bool:
+    if isinstance(exc, socket.gaierror):
+        return exc.errno not in (socket.EAI_NONAME,)  # a name that does not exist is permanent
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError):
+        return True  # a TLS stream dropped or garbled mid-way
+    if str(exc).startswith("Tunnel connection failed: 5"):
+        return True  # the proxy could not reach the origin this time
+    return exc.errno in _NETWORK_ERRNOS
 
 
 class Connections:
@@ -59,11 +92,17 @@ class Connections:
             self._headers.update(self._proxy.headers)
         self._timeout = timeout
         self._local = threading.local()
-        self._all: list[http.client.HTTPConnection] = []
+        self._all: weakref.WeakSet[_Slot] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def _connection(self) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        slot: _Slot | None = getattr(self._local, "slot", None)
+        conn = slot.conn if slot is not None else None
+        if slot is not None and slot.response is not None and not slot.response.isclosed():
+            # The last response was not read to its end (its reader raised): the connection
+            # cannot carry another request.
+            self.discard()
+            conn = None
         if conn is None:
             proxy = self._proxy
             host, port = (proxy.host, proxy.port) if proxy is not None else (self._host, self._port)
@@ -77,9 +116,10 @@ class Connections:
                 conn = http.client.HTTPConnection(
                     host, port, timeout=self._timeout, blocksize=BLOCK
                 )
-            self._local.conn = conn
+            slot = _Slot(conn)
+            self._local.slot = slot
             with self._lock:
-                self._all.append(conn)
+                self._all.add(slot)
         return conn
 
     def request(
@@ -111,7 +151,9 @@ class Connections:
         sent = {**self._headers, **(headers or {})}
         try:
             conn.request(method, self._absolute + target, body=body, headers=sent)
-            return conn.getresponse()
+            response = conn.getresponse()
+            self._local.slot.response = response
+            return response
         except ssl.SSLCertVerificationError as exc:
             self.discard()
             where = f"{self._host}:{self._port}"
@@ -121,17 +163,21 @@ class Connections:
             if isinstance(exc, http.client.HTTPException):
                 # Never the request line: for a presigned URL it is a credential.
                 raise ConnectionError(f"{type(exc).__name__} from {self._host}") from None
+            if not isinstance(exc, ConnectionError | TimeoutError) and _network_fault(exc):
+                raise ConnectionError(f"{type(exc).__name__} from {self._host}: {exc}") from None
             raise
 
     def discard(self) -> None:
         """Drop this thread's connection (after an answer that leaves it unusable)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        slot: _Slot | None = getattr(self._local, "slot", None)
+        if slot is not None and slot.conn is not None:
+            slot.conn.close()
+            slot.conn = None
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._all:
-                conn.close()
+            for slot in list(self._all):
+                if slot.conn is not None:
+                    slot.conn.close()
+                    slot.conn = None
             self._all.clear()

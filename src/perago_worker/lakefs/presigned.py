@@ -93,6 +93,18 @@ def is_md5_etag(etag: str) -> bool:
     return bool(_MD5_ETAG.match(etag))
 
 
+def content_etag(resp: Any) -> str:
+    """The response's ETag when it is the content's MD5, else "": S3 objects encrypted with
+    SSE-KMS or SSE-C answer 32 hex digits that are not the data's MD5."""
+    encryption = (resp.getheader("x-amz-server-side-encryption") or "").lower()
+    if encryption.startswith("aws:kms") or resp.getheader(
+        "x-amz-server-side-encryption-customer-algorithm"
+    ):
+        return ""
+    etag = etag_of(resp.getheader("ETag"))
+    return etag if is_md5_etag(etag) else ""
+
+
 def multipart_etag(part_md5s: list[bytes]) -> str:
     """What S3 answers as a multipart object's ETag: MD5 of the parts' MD5s, dash, count."""
     return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"  # noqa: S324
@@ -208,7 +220,13 @@ class PresignedTransfers:
                 raise ContentMismatch(
                     f"{obj.key}: the store serves ETag {etag}, lakeFS lists {listed_sum}"
                 )
+            announced = resp.getheader("Content-Length")
             written, done = write_body(resp, dest)
+            if announced is not None and announced.isdigit() and written < int(announced):
+                # The connection ended mid-body (a store restarting): retried, not a mismatch.
+                raise StoreError(
+                    502, f"{obj.key}: the body ended at {written} of {announced} bytes"
+                )
             if written != obj.size:
                 raise ContentMismatch(
                     f"{obj.key}: got {written} bytes, the listing says {obj.size}"
@@ -258,7 +276,8 @@ class PresignedTransfers:
             if resp.status not in (200, 201):
                 raise StoreError(resp.status, f"{key}: PUT answered {store_code(answer)}")
             etag = etag_of(resp.getheader("ETag"))
-            if is_md5_etag(etag) and etag != md5.hexdigest():
+            checked = content_etag(resp)
+            if checked and checked != md5.hexdigest():
                 raise ContentMismatch(f"{key}: the store stored other bytes (ETag {etag})")
             return etag
 
@@ -309,12 +328,21 @@ class PresignedTransfers:
                 raise
 
     def _linked(self, repository: str, branch: str, key: str, address: str) -> bool:
+        return self._linked_stats(repository, branch, key, address) is not None
+
+    def _linked_stats(
+        self, repository: str, branch: str, key: str, address: str
+    ) -> dict[str, Any] | None:
+        """The object's stats when `key` on `branch` is linked to `address`, else None."""
         route = self.api.route(repository, "refs", branch, "objects/stat", path=key)
         try:
-            stats = with_retries(lambda: self.api.json("GET", route), self.retry_seconds)
+            stats: dict[str, Any] = with_retries(
+                lambda: self.api.json("GET", route), self.retry_seconds
+            )
         except NotFound:
-            return False
-        return str(stats.get("physical_address", "")).split(",")[0] == address.split(",")[0]
+            return None
+        linked = str(stats.get("physical_address", "")).split(",")[0] == address.split(",")[0]
+        return stats if linked else None
 
     def _multipart(self, repository: str, branch: str, key: str, fd: int, size: int) -> str:
         part = part_size_for(size)
@@ -335,6 +363,8 @@ class PresignedTransfers:
         )
         urls = {i + 1: _Url(u) for i, u in enumerate(created.get("presigned_urls") or [])}
         lock = threading.Lock()
+        unverified = threading.Event()  # a part whose ETag is not its MD5 (SSE-KMS, SSE-C)
+        failed = threading.Event()  # the first failed part stops the parts not yet begun
 
         def url_for(number: int, renew: bool = False) -> str:
             with lock:
@@ -378,30 +408,53 @@ class PresignedTransfers:
                     )
                 renew = False
                 etag = etag_of(resp.getheader("ETag"))
-                if is_md5_etag(etag) and etag != md5.hexdigest():
+                checked = content_etag(resp)
+                if checked and checked != md5.hexdigest():
                     raise ContentMismatch(f"{key}: part {number} stored other bytes")
+                if not checked:
+                    unverified.set()  # encrypted (or not an MD5): the whole ETag is not either
                 return etag, md5.digest()
 
-            done: tuple[str, bytes] = self._retry(once)
+            if failed.is_set():
+                raise StoreError(503, f"{key}: part {number} not sent: another part failed")
+            try:
+                done: tuple[str, bytes] = self._retry(once)
+            except BaseException:
+                failed.set()
+                raise
             return done
+
+        uncertain = False
+
+        def complete() -> dict[str, Any]:
+            nonlocal uncertain
+            body = {
+                "physical_address": address,
+                "parts": [
+                    {"part_number": i + 1, "etag": etag} for i, (etag, _) in enumerate(parts)
+                ],
+            }
+            try:
+                answer: dict[str, Any] = self.api.json("PUT", one, body)
+            except Exception as exc:
+                uncertain = uncertain or is_transient(exc)
+                raise
+            return answer
 
         try:
             with ThreadPoolExecutor(min(PART_THREADS, count), thread_name_prefix="part") as pool:
                 parts = list(pool.map(put_part, range(1, count + 1)))
-            stats = with_retries(
-                lambda: self.api.json(
-                    "PUT",
-                    one,
-                    {
-                        "physical_address": address,
-                        "parts": [
-                            {"part_number": i + 1, "etag": etag}
-                            for i, (etag, _) in enumerate(parts)
-                        ],
-                    },
-                ),
-                self.retry_seconds,
-            )
+            try:
+                stats = with_retries(complete, self.retry_seconds)
+            except LakeFSError as exc:
+                # A complete whose answer was lost finds the upload gone on its retry: if the
+                # object is linked at the key with this address, the first one succeeded.
+                if not uncertain or is_transient(exc):
+                    raise
+                linked = self._linked_stats(repository, branch, key, address)
+                if linked is None:
+                    raise
+                stats = linked
         except BaseException:
             # Best effort: a store also expires abandoned uploads by its lifecycle rules.
             with contextlib.suppress(Exception):
@@ -413,7 +466,12 @@ class PresignedTransfers:
             )
         checksum = etag_of(str(stats.get("checksum", "")))
         expected = multipart_etag([md5 for _, md5 in parts])
-        if is_md5_etag(checksum) and "-" in checksum and checksum != expected:
+        if (
+            not unverified.is_set()
+            and is_md5_etag(checksum)
+            and "-" in checksum
+            and checksum != expected
+        ):
             raise ContentMismatch(f"{key}: the store assembled other parts (ETag {checksum})")
         return checksum
 
