@@ -12,6 +12,7 @@ import http.client
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -277,3 +278,107 @@ def test_a_refused_connection_is_raised_as_is_and_names_no_request_target() -> N
     with pytest.raises(ConnectionRefusedError) as caught:
         conns.request("GET", TARGET)
     assert "X-Amz" not in str(caught.value) and "/bucket" not in str(caught.value)
+
+
+# -- review fixes: connections end with their threads; faults classified ----------------------
+
+
+@pytest.fixture
+def ok_server() -> Iterator[str]:
+    """A loopback HTTP/1.1 server answering every GET with `ok` (keep-alive)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *_: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_the_connections_of_finished_threads_are_closed_and_forgotten(ok_server: str) -> None:
+    import gc
+    import threading
+
+    from perago_worker.lakefs.connections import Connections
+
+    conns = Connections(ok_server, 5)
+    opened: list[object] = []
+
+    def transfer() -> None:
+        resp = conns.request("GET", "/")
+        resp.read()
+        opened.append(conns._local.slot.conn)
+
+    for _ in range(20):  # a transfer pool per attempt, as materialize and stage make
+        pool = [threading.Thread(target=transfer) for _ in range(4)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+    gc.collect()
+    assert len(opened) == 80 and len(conns._all) == 0
+    assert all(conn.sock is None for conn in opened)  # type: ignore[attr-defined]
+
+
+def test_a_response_left_half_read_never_carries_the_next_request(ok_server: str) -> None:
+    from perago_worker.lakefs.connections import Connections
+
+    conns = Connections(ok_server, 5)
+    conns.request("GET", "/")  # its reader failed: the body was never read
+    assert conns.request("GET", "/").read() == b"ok"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        lambda: __import__("socket").gaierror(-3, "Temporary failure in name resolution"),
+        lambda: OSError(113, "No route to host"),
+        lambda: __import__("ssl").SSLEOFError(8, "EOF occurred in violation of protocol"),
+        lambda: OSError("Tunnel connection failed: 503 Service Unavailable"),
+    ],
+    ids=["dns-again", "no-route", "tls-eof", "proxy-503"],
+)
+def testis_network_faults_below_connection_errors_are_retried(fault: Any) -> None:
+    from perago_worker.lakefs.connections import is_network_fault
+
+    exc = fault()
+    assert is_network_fault(exc)
+
+
+def test_a_name_that_does_not_exist_and_a_refused_proxy_login_are_not_retried() -> None:
+    import socket
+
+    from perago_worker.lakefs.connections import is_network_fault
+
+    assert not is_network_fault(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+    assert not is_network_fault(OSError("Tunnel connection failed: 407 Proxy Authentication"))
+
+
+def test_encrypted_objects_etags_are_not_checked_as_md5s() -> None:
+    from types import SimpleNamespace
+
+    from perago_worker.lakefs.presigned import content_etag
+
+    def answer(**headers: str) -> Any:
+        return SimpleNamespace(getheader=lambda name: headers.get(name))
+
+    md5 = "0" * 32
+    assert content_etag(answer(ETag=f'"{md5}"')) == md5
+    assert (
+        content_etag(answer(ETag=f'"{md5}"', **{"x-amz-server-side-encryption": "aws:kms"})) == ""
+    )
+    sse_c = {"x-amz-server-side-encryption-customer-algorithm": "AES256"}
+    assert content_etag(answer(ETag=f'"{md5}"', **sse_c)) == ""
+    assert content_etag(answer(ETag='"0x8D9F0A"')) == ""  # Azure's

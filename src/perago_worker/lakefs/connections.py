@@ -55,7 +55,7 @@ _NETWORK_ERRNOS = frozenset(
 )
 
 
-def _network_fault(exc: OSError) -> bool:
+def is_network_fault(exc: OSError) -> bool:
     if isinstance(exc, socket.gaierror):
         return exc.errno not in (socket.EAI_NONAME,)  # a name that does not exist is permanent
     if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError):
@@ -163,7 +163,7 @@ class Connections:
             if isinstance(exc, http.client.HTTPException):
                 # Never the request line: for a presigned URL it is a credential.
                 raise ConnectionError(f"{type(exc).__name__} from {self._host}") from None
-            if not isinstance(exc, ConnectionError | TimeoutError) and _network_fault(exc):
+            if not isinstance(exc, ConnectionError | TimeoutError) and is_network_fault(exc):
                 raise ConnectionError(f"{type(exc).__name__} from {self._host}: {exc}") from None
             raise
 
