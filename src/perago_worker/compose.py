@@ -17,6 +17,7 @@ from perago_worker.conductor import Conductor
 from perago_worker.credentials import Credentials, CredentialsError
 from perago_worker.lakefs import LakeFS
 from perago_worker.network import Network, NetworkError
+from perago_worker.observability import logging as plog
 from perago_worker.settings import Settings
 
 
@@ -57,6 +58,7 @@ def credentials(settings: Settings) -> tuple[Credentials, Credentials | None]:
             lake.secret_access_key.get_secret_value(),
             key_file=lake.access_key_id_file,
             secret_file=lake.secret_access_key_file,
+            on_new_secret=plog.add_secret,  # a rotated secret is masked in logs too
         )
         secret = cond.auth_secret.get_secret_value() if cond.auth_secret else ""
         conductor_pair = (
@@ -65,6 +67,7 @@ def credentials(settings: Settings) -> tuple[Credentials, Credentials | None]:
                 secret,
                 key_file=cond.auth_key_file,
                 secret_file=cond.auth_secret_file,
+                on_new_secret=plog.add_secret,
             )
             if (cond.auth_key or cond.auth_key_file) and (secret or cond.auth_secret_file)
             else None

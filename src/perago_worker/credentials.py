@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -58,9 +59,12 @@ class Credentials:
         *,
         key_file: Path | None = None,
         secret_file: Path | None = None,
+        on_new_secret: Callable[[str], None] | None = None,
     ) -> None:
         self._key_file = key_file
         self._secret_file = secret_file
+        # Told every secret read from a file (the composition root masks it in logs).
+        self._on_new_secret = on_new_secret
         self._lock = threading.Lock()
         self._key = key
         self._secret = secret
@@ -93,6 +97,8 @@ class Credentials:
         self._key, self._secret = key, secret
         self._basic = self._basic_of(key, secret)
         self.version += 1
+        if self._secret_file is not None and self._on_new_secret is not None:
+            self._on_new_secret(secret)
         return True
 
     def _refresh(self, force: bool) -> bool:

@@ -212,3 +212,17 @@ def test_a_file_secret_is_masked_in_logs(tmp_path: Path) -> None:
         lakefs=LakeFSSettings(access_key_id="k", secret_access_key_file=tmp_path / "secret")
     )
     assert "file-held-secret-value" in secret_values(settings)
+
+
+def test_a_secret_re_read_from_a_rotated_file_is_masked_in_logs(tmp_path: Path) -> None:
+    from perago_worker.credentials import Credentials
+    from perago_worker.observability import logging as plog
+
+    key, secret = tmp_path / "key", tmp_path / "secret"
+    key.write_text("AKIAROTATED000000001")
+    secret.write_text("first-secret-value-0001")
+    credentials = Credentials(key_file=key, secret_file=secret, on_new_secret=plog.add_secret)
+    assert credentials.secret == "first-secret-value-0001"
+    secret.write_text("second-secret-value-0002")
+    assert credentials.reload()
+    assert plog.mask_text("sent second-secret-value-0002 to lakeFS") == "sent ********** to lakeFS"

@@ -32,6 +32,11 @@ def _prepared(secrets: Iterable[str]) -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
+def add_secret(secret: str) -> None:
+    """Mask `secret` from now on too (a credential re-read from a rotated Secret file)."""
+    _SECRETS[:] = _prepared([*_SECRETS, secret])
+
+
 def mask_text(text: str, secrets: Iterable[str] = ()) -> str:
     """`text` with every configured secret, and each of `secrets`, replaced by `MASK`.
 
