@@ -120,14 +120,22 @@ class Credentials:
         return changed
 
     def current(self) -> tuple[str, str]:
-        """The pair to send now (the files re-read first if they changed)."""
+        """The pair to send now (the files re-read first if they changed); read under the
+        lock, so never a new key with the old secret."""
         self._refresh(False)
-        return self._key, self._secret
+        with self._lock:
+            return self._key, self._secret
 
     def basic(self) -> str:
         """`Authorization: Basic ...` for the current pair."""
+        return self.basic_versioned()[0]
+
+    def basic_versioned(self) -> tuple[str, int]:
+        """The Basic header and the `version` it belongs to, read together: a 401 is then
+        compared with the pair that was really sent."""
         self._refresh(False)
-        return self._basic
+        with self._lock:
+            return self._basic, self.version
 
     def reload(self) -> bool:
         """Re-read the files now (after a 401); True when the pair changed."""

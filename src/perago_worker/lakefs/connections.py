@@ -130,8 +130,7 @@ class Connections:
         credentials = self._credentials
         if credentials is None:
             return self._send(method, target, body, headers)
-        auth = credentials.basic()
-        version = credentials.version
+        auth, version = credentials.basic_versioned()
         resp = self._send(method, target, body, {**(headers or {}), "Authorization": auth})
         if resp.status != 401:
             return resp
