@@ -50,9 +50,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per kind")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    lakefs_url = os.environ.get("PERAGO_TEST_LAKEFS_URL")
-    conductor_url = os.environ.get("PERAGO_TEST_CONDUCTOR_URL")
-    if not (lakefs_url and conductor_url):
+    from perago_worker.devstack.servers import endpoints_from_env
+
+    endpoints = endpoints_from_env(os.environ)
+    if endpoints is None:
         print("needs a running stack: source the env file `devstack up` printed", file=sys.stderr)
         return 2
 
@@ -61,22 +62,17 @@ def main() -> int:
     from perago_worker.attempt import Deps
     from perago_worker.conductor import Conductor
     from perago_worker.devstack.demo import register_app, wait_for_workflow
-    from perago_worker.devstack.servers import Endpoints
     from perago_worker.lakefs import LakeFS
     from perago_worker.observability import logging as plog
     from perago_worker.runner import Lifecycle, Runner
 
     plog.configure("WARNING")
-    endpoints = Endpoints(
-        lakefs_url=lakefs_url,
-        lakefs_access_key_id=os.environ["PERAGO_TEST_LAKEFS_ACCESS_KEY_ID"],
-        lakefs_secret_access_key=os.environ["PERAGO_TEST_LAKEFS_SECRET_ACCESS_KEY"],
-        conductor_url=conductor_url,
-    )
     suffix = uuid.uuid4().hex[:6]
     app = build(suffix)
-    conductor = Conductor(conductor_url)
-    lakefs = LakeFS(lakefs_url, endpoints.lakefs_access_key_id, endpoints.lakefs_secret_access_key)
+    conductor = Conductor(endpoints.conductor_url)
+    lakefs = LakeFS(
+        endpoints.lakefs_url, endpoints.lakefs_access_key_id, endpoints.lakefs_secret_access_key
+    )
     register_app(conductor, app, retries=0)
     settings = make_settings(
         endpoints,

@@ -64,9 +64,10 @@ def part1(samples: int) -> dict[str, list[float]]:
 
 
 def part2(tasks: int) -> dict[str, list[float]] | None:
-    lakefs_url = os.environ.get("PERAGO_TEST_LAKEFS_URL")
-    conductor_url = os.environ.get("PERAGO_TEST_CONDUCTOR_URL")
-    if not (lakefs_url and conductor_url):
+    from perago_worker.devstack.servers import endpoints_from_env
+
+    endpoints = endpoints_from_env(os.environ)
+    if endpoints is None:
         return None
     sys.path.insert(0, str(HERE.parent / "tests"))
     from isolation_app import build
@@ -74,22 +75,17 @@ def part2(tasks: int) -> dict[str, list[float]] | None:
     from perago_worker.attempt import Deps
     from perago_worker.conductor import Conductor
     from perago_worker.devstack.demo import register_app, wait_for_workflow
-    from perago_worker.devstack.servers import Endpoints
     from perago_worker.lakefs import LakeFS
     from perago_worker.observability import logging as plog
     from perago_worker.runner import Lifecycle, Runner
 
     plog.configure("WARNING")
-    endpoints = Endpoints(
-        lakefs_url=lakefs_url,
-        lakefs_access_key_id=os.environ["PERAGO_TEST_LAKEFS_ACCESS_KEY_ID"],
-        lakefs_secret_access_key=os.environ["PERAGO_TEST_LAKEFS_SECRET_ACCESS_KEY"],
-        conductor_url=conductor_url,
-    )
     suffix = uuid.uuid4().hex[:6]
     app = build(suffix)
-    conductor = Conductor(conductor_url)
-    lakefs = LakeFS(lakefs_url, endpoints.lakefs_access_key_id, endpoints.lakefs_secret_access_key)
+    conductor = Conductor(endpoints.conductor_url)
+    lakefs = LakeFS(
+        endpoints.lakefs_url, endpoints.lakefs_access_key_id, endpoints.lakefs_secret_access_key
+    )
     register_app(conductor, app, retries=0)
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"iso-bench-{suffix}"
     settings = make_settings(endpoints, scratch, poll_timeout_ms=100, log_level="WARNING")

@@ -13,7 +13,6 @@ machine, the command line and the tables. See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shlex
 import shutil
@@ -42,7 +41,13 @@ from _report import Section, machine, render_report, render_section, targets_sum
 from _tasks import case_tasks
 from _transfer import case_cache, case_incremental, case_materialize, case_memory, case_publish
 from perago_worker.conductor import Conductor
-from perago_worker.devstack.servers import BLOCKSTORES, Endpoints, Stack, StoreEndpoint, start_stack
+from perago_worker.devstack.servers import (
+    BLOCKSTORES,
+    Endpoints,
+    Stack,
+    endpoints_from_env,
+    start_stack,
+)
 from perago_worker.lakefs import LakeFS
 
 CASES = ("materialize", "publish", "incremental", "tasks", "memory", "cache", "datapath")
@@ -158,27 +163,17 @@ def disk_estimate(args: argparse.Namespace) -> int:
     return need
 
 
-def endpoints_from_env() -> tuple[Endpoints, Path]:
+def stack_from_env() -> tuple[Endpoints, Path]:
     from perago_worker.devstack import tools
 
-    env = os.environ
     try:
-        endpoints = Endpoints(
-            lakefs_url=env["PERAGO_TEST_LAKEFS_URL"],
-            lakefs_access_key_id=env["PERAGO_TEST_LAKEFS_ACCESS_KEY_ID"],
-            lakefs_secret_access_key=env["PERAGO_TEST_LAKEFS_SECRET_ACCESS_KEY"],
-            conductor_url=env["PERAGO_TEST_CONDUCTOR_URL"],
-        )
-        if env.get("PERAGO_TEST_STORE_URL"):
-            store = StoreEndpoint(
-                env["PERAGO_TEST_STORE_URL"],
-                env["PERAGO_TEST_STORE_ACCESS_KEY_ID"],
-                env["PERAGO_TEST_STORE_SECRET_ACCESS_KEY"],
-                env.get("PERAGO_TEST_STORE_BUCKET") or "perago-dev",
-            )
-            endpoints = dataclasses.replace(endpoints, store=store)
+        endpoints = endpoints_from_env(os.environ)
     except KeyError as exc:
         raise SystemExit(f"--stack-from-env: {exc.args[0]} is not set") from None
+    if endpoints is None:
+        raise SystemExit(
+            "--stack-from-env: PERAGO_TEST_LAKEFS_URL and PERAGO_TEST_CONDUCTOR_URL are not set"
+        )
     return endpoints, tools.lakefs_binaries().lakectl
 
 
@@ -244,7 +239,7 @@ def main(argv: Sequence[str]) -> int:
     stack: Stack | None = None
     try:
         if args.stack_from_env:
-            endpoints, lakectl = endpoints_from_env()
+            endpoints, lakectl = stack_from_env()
             repo = f"bench-{uuid.uuid4().hex[:8]}"
         else:
             stack = start_stack(

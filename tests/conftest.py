@@ -20,32 +20,16 @@ import pytest
 
 from perago_testing import new_repository
 from perago_worker.conductor import Conductor
-from perago_worker.devstack.servers import BLOCKSTORES, Endpoints, Stack, StoreEndpoint, start_stack
+from perago_worker.devstack.servers import (
+    BLOCKSTORES,
+    Endpoints,
+    Stack,
+    endpoints_from_env,
+    start_stack,
+)
 from perago_worker.lakefs import DataPathUnavailable, LakeFS, Transfers
 
 _STACK: Stack | None = None
-
-
-def _external_endpoints() -> Endpoints | None:
-    lakefs_url = os.environ.get("PERAGO_TEST_LAKEFS_URL")
-    conductor_url = os.environ.get("PERAGO_TEST_CONDUCTOR_URL")
-    if not (lakefs_url and conductor_url):
-        return None
-    store_url = os.environ.get("PERAGO_TEST_STORE_URL")
-    return Endpoints(
-        lakefs_url=lakefs_url.rstrip("/"),
-        lakefs_access_key_id=os.environ["PERAGO_TEST_LAKEFS_ACCESS_KEY_ID"],
-        lakefs_secret_access_key=os.environ["PERAGO_TEST_LAKEFS_SECRET_ACCESS_KEY"],
-        conductor_url=conductor_url.rstrip("/"),
-        store=StoreEndpoint(
-            store_url,
-            os.environ["PERAGO_TEST_STORE_ACCESS_KEY_ID"],
-            os.environ["PERAGO_TEST_STORE_SECRET_ACCESS_KEY"],
-            os.environ.get("PERAGO_TEST_STORE_BUCKET", "perago-dev"),
-        )
-        if store_url
-        else None,
-    )
 
 
 def session_blockstore() -> str:
@@ -58,7 +42,7 @@ def session_blockstore() -> str:
 @pytest.fixture(scope="session")
 def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
     global _STACK
-    external = _external_endpoints()
+    external = endpoints_from_env(os.environ)
     if external is not None:
         yield external
         return

@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,6 +301,34 @@ class Endpoints:
             "PERAGO_LAKEFS__SECRET_ACCESS_KEY": self.lakefs_secret_access_key,
             "PERAGO_CONDUCTOR__URL": self.conductor_url,
         }
+
+
+def endpoints_from_env(environ: Mapping[str, str]) -> Endpoints | None:
+    """The stack `python -m perago_worker.devstack up` printed (its `PERAGO_TEST_*` exports),
+    or None when `PERAGO_TEST_LAKEFS_URL` / `PERAGO_TEST_CONDUCTOR_URL` are unset.
+
+    Tests, benchmarks and bench scripts reuse a running stack through it; a variable the
+    exports always hold (a key) raises `KeyError` when missing.
+    """
+    lakefs_url = environ.get("PERAGO_TEST_LAKEFS_URL")
+    conductor_url = environ.get("PERAGO_TEST_CONDUCTOR_URL")
+    if not (lakefs_url and conductor_url):
+        return None
+    store_url = environ.get("PERAGO_TEST_STORE_URL")
+    return Endpoints(
+        lakefs_url=lakefs_url.rstrip("/"),
+        lakefs_access_key_id=environ["PERAGO_TEST_LAKEFS_ACCESS_KEY_ID"],
+        lakefs_secret_access_key=environ["PERAGO_TEST_LAKEFS_SECRET_ACCESS_KEY"],
+        conductor_url=conductor_url.rstrip("/"),
+        store=StoreEndpoint(
+            store_url,
+            environ["PERAGO_TEST_STORE_ACCESS_KEY_ID"],
+            environ["PERAGO_TEST_STORE_SECRET_ACCESS_KEY"],
+            environ.get("PERAGO_TEST_STORE_BUCKET") or BUCKET,
+        )
+        if store_url
+        else None,
+    )
 
 
 @dataclass
