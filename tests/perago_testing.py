@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -139,3 +142,26 @@ def new_repository(lakefs: LakeFS, hint: str) -> str:
     name = f"{base}-{uuid.uuid4().hex[:8]}"
     lakefs.create_repository(name)
     return name
+
+
+def cli_env(endpoints: Endpoints, **extra: str) -> dict[str, str]:
+    """The environment of a `perago-worker` command on the stack: this process's, without any
+    `PERAGO_*` of its own, plus the stack's settings and `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERAGO_")}
+    env.update(endpoints.as_env())
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """`perago-worker ARGS...` as a user runs it, in its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "perago_worker.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

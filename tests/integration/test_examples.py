@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from perago_testing import keys_at, new_repository, read, seed
+from perago_testing import cli_env, keys_at, new_repository, read, run_cli, seed
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.servers import Endpoints
 from perago_worker.devstack.worker_process import WorkerProcess, start_worker
@@ -22,16 +20,7 @@ WORKFLOW = json.loads((EXAMPLES / "quickstart.workflow.json").read_text())
 
 
 def cli(endpoints: Endpoints, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERAGO_")}
-    env.update({**endpoints.as_env(), "PYTHONPATH": str(EXAMPLES)})
-    return subprocess.run(
-        [sys.executable, "-m", "perago_worker.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    return run_cli(cli_env(endpoints, PYTHONPATH=str(EXAMPLES)), *args, timeout=240)
 
 
 @pytest.fixture(scope="module")

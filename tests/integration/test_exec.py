@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from perago_testing import new_repository, seed
+from perago_testing import cli_env, new_repository, run_cli, seed
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.servers import Endpoints
 from perago_worker.lakefs import LakeFS
@@ -26,17 +24,8 @@ def data(lakefs: LakeFS, tmp_path_factory: pytest.TempPathFactory) -> tuple[str,
 
 
 def cli(endpoints: Endpoints, tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERAGO_")}
-    env.update(endpoints.as_env())
-    env.update({"PYTHONPATH": str(HERE), "PERAGO_SCRATCH_ROOT": str(tmp / "scratch")})
-    return subprocess.run(
-        [sys.executable, "-m", "perago_worker.cli", "exec", "exec_app:app", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    env = cli_env(endpoints, PYTHONPATH=str(HERE), PERAGO_SCRATCH_ROOT=str(tmp / "scratch"))
+    return run_cli(env, "exec", "exec_app:app", *args, timeout=120)
 
 
 def test_exec_on_a_branch_prints_the_result_and_the_change_set_and_publishes_nothing(

@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import secrets
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,7 +18,15 @@ from typing import Any
 
 import pytest
 
-from perago_testing import new_repository, one_task_workflow, seed, suffix, workspace
+from perago_testing import (
+    cli_env,
+    new_repository,
+    one_task_workflow,
+    run_cli,
+    seed,
+    suffix,
+    workspace,
+)
 from perago_worker import fences, preflight
 from perago_worker.conductor import Conductor
 from perago_worker.devstack import tools
@@ -36,39 +42,28 @@ APP = "ops_app:app"
 HANDLER_SECRET = f"handler-secret-{S}-do-not-print"
 
 
-def cli_env(endpoints: Endpoints, repo: str, tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERAGO_")}
-    env.update(endpoints.as_env())
-    env.update(
-        {
-            "PYTHONPATH": str(HERE),
-            "PERAGO_TEST_SUFFIX": S,
-            "PERAGO_ALLOWED_REPOSITORIES": json.dumps([repo]),
-            "PERAGO_SCRATCH_ROOT": str(tmp / "scratch"),
-            "PERAGO_HANDLER_CONFIG": json.dumps({"REGION": "eu-west-9"}),
-            "PERAGO_HANDLER_SECRETS": json.dumps({"API_KEY": HANDLER_SECRET}),
-            **extra,
-        }
+def ops_env(endpoints: Endpoints, repo: str, tmp: Path, **extra: str) -> dict[str, str]:
+    return cli_env(
+        endpoints,
+        PYTHONPATH=str(HERE),
+        PERAGO_TEST_SUFFIX=S,
+        PERAGO_ALLOWED_REPOSITORIES=json.dumps([repo]),
+        PERAGO_SCRATCH_ROOT=str(tmp / "scratch"),
+        PERAGO_HANDLER_CONFIG=json.dumps({"REGION": "eu-west-9"}),
+        PERAGO_HANDLER_SECRETS=json.dumps({"API_KEY": HANDLER_SECRET}),
+        **extra,
     )
-    return env
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "perago_worker.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_cli(env, *args, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def env(
     endpoints: Endpoints, repo: str, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
-    return cli_env(endpoints, repo, tmp_path_factory.mktemp("ops"))
+    return ops_env(endpoints, repo, tmp_path_factory.mktemp("ops"))
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
-from perago_testing import InProcessWorker, keys_at, new_repository, seed, suffix
+from perago_testing import (
+    InProcessWorker,
+    cli_env,
+    keys_at,
+    new_repository,
+    run_cli,
+    seed,
+    suffix,
+)
 from perago_worker import TaskContext, Worker, WorkspaceSpec
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.servers import Endpoints
@@ -78,16 +84,7 @@ def branch(lakefs: LakeFS, tmp_path_factory: pytest.TempPathFactory) -> tuple[st
 
 
 def cli(endpoints: Endpoints, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERAGO_")}
-    env.update(endpoints.as_env())
-    return subprocess.run(
-        [sys.executable, "-m", "perago_worker.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return run_cli(cli_env(endpoints), *args)
 
 
 def test_ref_prints_the_workspace_object_of_a_branch_head(
