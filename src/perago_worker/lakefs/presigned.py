@@ -282,7 +282,8 @@ class PresignedTransfers:
             return etag
 
         etag: str = self._retry(put)
-        self._link(
+        self._linking(
+            "PUT",
             backing,
             {
                 "staging": {"physical_address": staging["physical_address"]},
@@ -296,39 +297,41 @@ class PresignedTransfers:
         )
         return etag
 
-    def _link(
+    def _linking(
         self,
-        backing: str,
+        method: str,
+        route: str,
         body: dict[str, Any],
         repository: str,
         branch: str,
         key: str,
         address: str,
-    ) -> None:
-        """Link a staged address to `key`; a retry of a link whose answer was lost finds the
-        address already taken, so a refusal after a transient failure checks the branch."""
+    ) -> dict[str, Any]:
+        """A request that links `address` to `key` (a link, a multipart complete), retried;
+        its answer, or the object's stats. A retry of one whose answer was lost finds the
+        address already taken (or the upload gone): a refusal after a transient failure is
+        a success when the branch shows `key` linked to `address`."""
         uncertain = False
 
-        def once() -> None:
+        def once() -> dict[str, Any]:
             nonlocal uncertain
             try:
-                self.api.json("PUT", backing, body)
+                answer: dict[str, Any] = self.api.json(method, route, body) or {}
             except Exception as exc:
                 uncertain = uncertain or is_transient(exc)
                 raise
+            return answer
 
         try:
-            with_retries(once, self.retry_seconds)
+            answer: dict[str, Any] = with_retries(once, self.retry_seconds)
         except LakeFSError as exc:
-            if (
-                not uncertain
-                or is_transient(exc)
-                or not self._linked(repository, branch, key, address)
-            ):
+            if not uncertain or is_transient(exc):
                 raise
-
-    def _linked(self, repository: str, branch: str, key: str, address: str) -> bool:
-        return self._linked_stats(repository, branch, key, address) is not None
+            linked = self._linked_stats(repository, branch, key, address)
+            if linked is None:
+                raise
+            return linked
+        return answer
 
     def _linked_stats(
         self, repository: str, branch: str, key: str, address: str
@@ -424,37 +427,16 @@ class PresignedTransfers:
                 raise
             return done
 
-        uncertain = False
-
-        def complete() -> dict[str, Any]:
-            nonlocal uncertain
+        try:
+            with ThreadPoolExecutor(min(PART_THREADS, count), thread_name_prefix="part") as pool:
+                parts = list(pool.map(put_part, range(1, count + 1)))
             body = {
                 "physical_address": address,
                 "parts": [
                     {"part_number": i + 1, "etag": etag} for i, (etag, _) in enumerate(parts)
                 ],
             }
-            try:
-                answer: dict[str, Any] = self.api.json("PUT", one, body)
-            except Exception as exc:
-                uncertain = uncertain or is_transient(exc)
-                raise
-            return answer
-
-        try:
-            with ThreadPoolExecutor(min(PART_THREADS, count), thread_name_prefix="part") as pool:
-                parts = list(pool.map(put_part, range(1, count + 1)))
-            try:
-                stats = with_retries(complete, self.retry_seconds)
-            except LakeFSError as exc:
-                # A complete whose answer was lost finds the upload gone on its retry: if the
-                # object is linked at the key with this address, the first one succeeded.
-                if not uncertain or is_transient(exc):
-                    raise
-                linked = self._linked_stats(repository, branch, key, address)
-                if linked is None:
-                    raise
-                stats = linked
+            stats = self._linking("PUT", one, body, repository, branch, key, address)
         except BaseException:
             # Best effort: a store also expires abandoned uploads by its lifecycle rules.
             with contextlib.suppress(Exception):
