@@ -24,13 +24,17 @@ class LaunchError(Exception):
     """Something a person can fix, said in one line: what is wrong and what to do."""
 
 
-def branch_workspace(lakefs: LakeFS, repository: str, branch: str) -> WorkspaceRef:
-    """The `workspace` object for `branch`'s head: its commit, and the branch as the target."""
+def require_repository(lakefs: LakeFS, repository: str) -> None:
     if not lakefs.repository_exists(repository):
         raise LaunchError(
             f"repository {repository!r} does not exist on {lakefs.endpoint}: create it "
             "(lakectl repo create) or check the name"
         )
+
+
+def branch_workspace(lakefs: LakeFS, repository: str, branch: str) -> WorkspaceRef:
+    """The `workspace` object for `branch`'s head: its commit, and the branch as the target."""
+    require_repository(lakefs, repository)
     try:
         head = lakefs.branch_head(repository, branch)
     except NotFound:
@@ -45,8 +49,7 @@ def branch_workspace(lakefs: LakeFS, repository: str, branch: str) -> WorkspaceR
 def commit_workspace(lakefs: LakeFS, repository: str, ref: str, branch: str) -> WorkspaceRef:
     """The `workspace` object for a full commit id (a branch name or a short id is refused,
     as a task's input refuses it)."""
-    if not lakefs.repository_exists(repository):
-        raise LaunchError(f"repository {repository!r} does not exist on {lakefs.endpoint}")
+    require_repository(lakefs, repository)
     try:
         commit = lakefs.get_commit(repository, ref)
     except NotFound:
