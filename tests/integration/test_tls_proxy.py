@@ -534,6 +534,16 @@ def _round_trip(lakefs: LakeFS, repo: str, tmp_path: Path, tag: str) -> None:
     assert lakefs.get_commit(repo, commit.id).metadata["tag"] == tag
 
 
+def _every_client(settings: Settings, tmp_path: Path, hint: str, tag: str) -> None:
+    """The worker's clients for `settings`: every lakeFS plane once, and Conductor."""
+    lakefs, conductor = clients(settings)
+    try:
+        _round_trip(lakefs, _repo(lakefs, hint), tmp_path, tag)
+        assert isinstance(conductor.get_task_defs(), list)
+    finally:
+        lakefs.close()
+
+
 def _repo(lakefs: LakeFS, hint: str) -> str:
     name = f"{hint}-{uuid.uuid4().hex[:8]}"
     lakefs.create_repository(name)
@@ -628,13 +638,7 @@ def test_with_verify_off_every_client_accepts_the_certificate(
         lakefs={"data_path": "presign"},
         tls=TLSSettings(verify=False),
     )
-    lakefs, conductor = clients(settings)
-    try:
-        repo = _repo(lakefs, "tls-noverify")
-        _round_trip(lakefs, repo, tmp_path, "noverify")
-        assert isinstance(conductor.get_task_defs(), list)
-    finally:
-        lakefs.close()
+    _every_client(settings, tmp_path, "tls-noverify", "noverify")
 
 
 def test_mutual_tls_presents_the_client_certificate_to_every_client(
@@ -659,13 +663,7 @@ def test_mutual_tls_presents_the_client_certificate_to_every_client(
                 ca_bundle=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key
             ),
         )
-        lakefs, conductor = clients(settings)
-        try:
-            repo = _repo(lakefs, "mtls")
-            _round_trip(lakefs, repo, tmp_path, "mtls")
-            assert isinstance(conductor.get_task_defs(), list)
-        finally:
-            lakefs.close()
+        _every_client(settings, tmp_path, "mtls", "mtls")
         assert lakefs_mtls.peers and set(lakefs_mtls.peers) == {"perago-worker"}
         assert conductor_mtls.peers and set(conductor_mtls.peers) == {"perago-worker"}
 
@@ -720,12 +718,7 @@ def test_https_and_http_proxy_variables_carry_every_client(
         lakefs={"data_path": "presign"},
         tls=TLSSettings(ca_bundle=pki.ca),
     )
-    lakefs, conductor = clients(tls_settings)
-    try:
-        _round_trip(lakefs, _repo(lakefs, "proxy-tls"), tmp_path, "proxytls")
-        assert isinstance(conductor.get_task_defs(), list)
-    finally:
-        lakefs.close()
+    _every_client(tls_settings, tmp_path, "proxy-tls", "proxytls")
     assert proxy.hosts("CONNECT") == {_netloc(tls_stack.lakefs_url), _netloc(tls_stack.store_url)}
     assert _netloc(endpoints.conductor_url) in proxy.hosts("GET")
 
@@ -740,12 +733,7 @@ def test_https_and_http_proxy_variables_carry_every_client(
             "secret_access_key": endpoints.lakefs_secret_access_key,
         },
     )
-    lakefs, conductor = clients(plain)
-    try:
-        _round_trip(lakefs, _repo(lakefs, "proxy-plain"), tmp_path, "proxyplain")
-        conductor.get_task_defs()
-    finally:
-        lakefs.close()
+    _every_client(plain, tmp_path, "proxy-plain", "proxyplain")
     lakefs_host, store_host = _netloc(endpoints.lakefs_url), _netloc(endpoints.store.url)
     assert proxy.seen["POST", lakefs_host] >= 2  # SDK: repository, branches, commit
     assert proxy.seen["GET", lakefs_host] >= 2  # data plane: staging address, listing
@@ -772,23 +760,13 @@ def test_no_proxy_matches_bypass_the_proxy(
         lakefs={"data_path": "presign"},
         tls=TLSSettings(ca_bundle=pki.ca),
     )
-    lakefs, conductor = clients(settings)
-    try:
-        _round_trip(lakefs, _repo(lakefs, "noproxy"), tmp_path, "noproxy")
-        conductor.get_task_defs()
-    finally:
-        lakefs.close()
+    _every_client(settings, tmp_path, "noproxy", "noproxy")
     assert sum(proxy.seen.values()) == 0, proxy.seen
 
     # By host and port: Conductor direct, lakeFS (and its store) still through the proxy.
     conductor_port = urllib.parse.urlsplit(endpoints.conductor_url).port
     monkeypatch.setenv("NO_PROXY", f"127.0.0.1:{conductor_port}")
-    lakefs, conductor = clients(settings)
-    try:
-        _round_trip(lakefs, _repo(lakefs, "noproxy-port"), tmp_path, "noproxyport")
-        conductor.get_task_defs()
-    finally:
-        lakefs.close()
+    _every_client(settings, tmp_path, "noproxy-port", "noproxyport")
     assert proxy.hosts() == {_netloc(tls_stack.lakefs_url), _netloc(tls_stack.store_url)}
 
 
