@@ -11,6 +11,7 @@ Conductor update (or, for a zombie, into silence).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import traceback
@@ -180,6 +181,7 @@ class Attempt:
         deps: Deps,
         still_live: Callable[[], bool] = lambda: True,
         incarnation: Incarnation | None = None,
+        defer_cleanup: bool = False,
     ) -> None:
         self.spec = spec
         # Which scheduling of the task this delivery is (see `fences`); without a poll
@@ -191,6 +193,14 @@ class Attempt:
         self.deps = deps
         self.log = ctx.log
         self.uid = uuid.uuid4().hex[:8]
+        # With `defer_cleanup`, server-side tidying left after the outcome is known (the
+        # staging branch's deletion) is not done here but collected in `cleanups`, for the
+        # caller to run while it waits on something else (the runner: the report's fence).
+        self.defer_cleanup = defer_cleanup
+        self.cleanups: list[Callable[[], object]] = []
+        # What the handler changed, once computed (the change set a publish stages): kept
+        # for callers that report it, such as `perago-worker exec --publish`.
+        self.changes: ChangeSet | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[dict[str, Any]]:
@@ -302,7 +312,10 @@ class Attempt:
         }
 
     def _workflow_link(self) -> dict[str, str]:
-        """The Conductor workflow's UI page, for the commit's metadata (`conductor.ui_url`)."""
+        """The Conductor workflow's UI page, for the commit's metadata (`conductor.ui_url`);
+        a manual execution (`exec --publish`) has no workflow: it is marked as one instead."""
+        if fences.is_manual(self.ctx.workflow_id):
+            return {fences.META_MANUAL: "true"}
         url = links.workflow_url(self.deps.settings, self.ctx.workflow_id)
         return {links.META_WORKFLOW_URL: url} if url else {}
 
@@ -401,6 +414,7 @@ class Attempt:
             staged: str | None = None
             with self.phase("stage") as figures:
                 scanned, changes = publishable_changes(spec, manifest, root, settings)
+                self.changes = changes
                 figures["changes"] = changes.summary()
                 if not changes.empty:
                     staged_branch_made = True
@@ -456,14 +470,18 @@ class Attempt:
                 relative_to_key(r, prefix) for r in changes.deleted
             ]
             outcome = self._publish(
-                execution, ws, staged, message, provenance, adopted=False, ours=ours
+                execution, ws, staged, message, provenance, adopted=False, ours=ours, result=result
             )
             succeeded = outcome.status == Status.COMPLETED
             return outcome
         finally:
             if staged_branch_made:
-                with contextlib.suppress(Exception):
-                    deps.lakefs.delete_branch(ws.repository, staging)
+                delete = functools.partial(deps.lakefs.delete_branch, ws.repository, staging)
+                if self.defer_cleanup:
+                    self.cleanups.append(delete)
+                else:
+                    with contextlib.suppress(Exception):
+                        delete()
             if deps.cache is not None and manifest:
                 self._feed_cache(manifest, attempt_dir.root)
             attempt_dir.release(remove=succeeded or not settings.keep_failed_workspaces)
@@ -514,8 +532,13 @@ class Attempt:
         *,
         adopted: bool,
         ours: list[str] | None = None,
+        result: dict[str, Any] | None = None,
     ) -> Outcome:
-        """Claim the execution's publish (unless adopting one) and merge it exactly once."""
+        """Claim the execution's publish (unless adopting one) and merge it exactly once.
+
+        `result` is the handler's own result, which the staged commit carries: when the
+        claim holds that commit it is the answer, so it is not read back from lakeFS.
+        """
         deps, ctx = self.deps, self.ctx
         if not ctx.begin_publish():
             return _zombie(ctx.cancel_reason or "attempt cancelled before publishing")
@@ -546,6 +569,8 @@ class Attempt:
                     fence=self._fence,
                     retry_seconds=deps.settings.merge_retry_seconds,
                     figures=merge_figures,
+                    # Our own claim of a fresh execution: no merge of it can exist yet.
+                    unpublished=execution.fresh and not adopted,
                 )
             except publish.NotLive:
                 figures["verdict"] = "zombie"
@@ -578,7 +603,8 @@ class Attempt:
                 "adopted_claim" if adopted else "published_meanwhile", ref, merged=merged, ws=ws
             )
         faultpoints.hit("merge.done")
-        result = publish.result_of(deps.lakefs, ws.repository, staged)
+        if adopted or result is None:  # another attempt's commit: its result is stored there
+            result = publish.result_of(deps.lakefs, ws.repository, staged)
         return self._output(ws, ref, result)
 
     def _conflict(

@@ -314,27 +314,35 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     """One task, once, without Conductor: materialize from lakeFS, checks, handler, checks,
-    and the change set a publish would make (nothing is published)."""
+    and the change set a publish would make; with `--publish`, the whole attempt pipeline
+    through the same fences as a task (`perago_worker.manual`)."""
     from perago_worker.launch import LaunchError, branch_workspace, commit_workspace
-    from perago_worker.materialize import materialize
     from perago_worker.observability import logging as plog
-    from perago_worker.testing import HandlerEnvironment
 
     settings = load_settings(args.config)
     # Logs (masked) to stderr, as the worker's: stdout is the report, JSON for scripts.
     plog.configure(settings.log_level, settings.log_format, plog.secret_values(settings))
+    if args.publish and args.keep:
+        raise CliError(
+            "--keep inspects a dry run's folder; a published run's record is its merge "
+            "commit (drop --keep, or run without --publish to keep the folder)"
+        )
+    if args.execution_id and not args.publish:
+        raise CliError("--execution-id continues a published run: it needs --publish")
     app = load_worker(args.app)
     if args.task not in app.tasks:
         known = ", ".join(sorted(app.tasks)) or "none"
         raise CliError(f"{args.app} has no task {args.task!r} (registered: {known})")
     spec = app.tasks[args.task]
     params = _params_arg(args.params) if args.params else {}
-    lakefs, _ = clients(settings)
+    lakefs, conductor = clients(settings)
     try:
         if spec.workspace is None:
             source = None
         elif not (args.ref or args.branch):
             raise CliError(f"task {args.task!r} has a workspace: give --ref COMMIT or --branch B")
+        elif args.ref and args.publish and not args.branch:
+            raise CliError("--publish merges into a branch: give --branch B with --ref COMMIT")
         elif args.ref:
             source = commit_workspace(lakefs, args.repository, args.ref, args.branch or "main")
         else:
@@ -343,6 +351,21 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if source is not None and not settings.repository_allowed(source.repository):
         raise CliError(f"repository {source.repository!r} is not in allowed_repositories")
+    if args.publish:
+        return _exec_publish(args, spec, source, params, settings, lakefs, conductor)
+    return _exec_dry_run(args, app, source, params, settings, lakefs)
+
+
+def _exec_dry_run(
+    args: argparse.Namespace,
+    app: Worker,
+    source: Any,
+    params: dict[str, Any],
+    settings: Settings,
+    lakefs: LakeFS,
+) -> int:
+    from perago_worker.materialize import materialize
+    from perago_worker.testing import HandlerEnvironment
 
     def from_lakefs(root: Path, prefix: str) -> Any:
         assert source is not None
@@ -365,15 +388,74 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if source is not None:
         report["input"] = source.model_dump()
     if run.changes is not None:
-        report["changes"] = {
-            "added": [{"path": f.rel.as_posix(), "size": f.size} for f in run.changes.added],
-            "modified": [{"path": f.rel.as_posix(), "size": f.size} for f in run.changes.modified],
-            "deleted": [r.as_posix() for r in run.changes.deleted],
-        }
+        report["changes"] = change_report(run.changes)
     if run.root is not None:
         report["workspace"] = str(run.root)
     print(json.dumps(report, indent=2))
     return 0 if run.ok else 1
+
+
+def _exec_publish(
+    args: argparse.Namespace,
+    spec: Any,
+    source: Any,
+    params: dict[str, Any],
+    settings: Settings,
+    lakefs: LakeFS,
+    conductor: Conductor,
+) -> int:
+    from perago_worker import manual
+    from perago_worker.attempt import Deps
+    from perago_worker.contract import Status
+
+    try:
+        if args.execution_id:
+            # Refuse a malformed id before any work.
+            manual.incarnation_of(args.execution_id, clock_skew_seconds=settings.clock_skew_seconds)
+    except manual.BadExecutionId as exc:
+        raise CliError(str(exc)) from None
+    execution_id = args.execution_id or manual.new_execution_id()
+    print(
+        f"perago-worker: execution {execution_id} (re-run with --execution-id "
+        f"{execution_id} to finish it after a crash; it never merges twice)",
+        file=sys.stderr,
+    )
+    run = manual.publish_once(
+        spec, source, params, Deps(settings, lakefs, conductor), execution_id=execution_id
+    )
+    outcome = run.outcome
+    report: dict[str, Any] = {
+        "status": outcome.status.value,
+        "execution_id": run.execution_id,
+        "result": outcome.output.get("result"),
+    }
+    if outcome.status != Status.COMPLETED:
+        report.update(kind=outcome.kind, reason=outcome.reason)
+    if source is not None:
+        report["input"] = source.model_dump()
+        output = outcome.output.get("workspace")
+        if output is not None:
+            report["output"] = output
+            if output["ref"] != source.ref:
+                report["merge"] = {
+                    "commit": output["ref"],
+                    "provenance": dict(
+                        sorted(lakefs.get_commit(source.repository, output["ref"]).metadata.items())
+                    ),
+                }
+    if run.changes is not None:
+        report["changes"] = change_report(run.changes)
+    print(json.dumps(report, indent=2))
+    return 0 if outcome.status == Status.COMPLETED else 1
+
+
+def change_report(changes: Any) -> dict[str, Any]:
+    """A change set as the exec report shows it: added and modified with sizes, deleted."""
+    return {
+        "added": [{"path": f.rel.as_posix(), "size": f.size} for f in changes.added],
+        "modified": [{"path": f.rel.as_posix(), "size": f.size} for f in changes.modified],
+        "deleted": [r.as_posix() for r in changes.deleted],
+    }
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -482,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     exec_ = sub.add_parser(
         "exec",
         help="run one task once on real lakeFS data, without Conductor; print the result and "
-        "the change set a publish would make (nothing is published)",
+        "the change set a publish would make (nothing is published unless --publish)",
     )
     exec_.add_argument("app")
     exec_.add_argument("task")
@@ -491,6 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
     exec_.add_argument("--branch", default=None, help="its head is the input, unless --ref")
     exec_.add_argument("--params", default=None, help="a JSON object, or @file")
     exec_.add_argument("--keep", action="store_true", help="leave the workspace folder")
+    exec_.add_argument(
+        "--publish",
+        action="store_true",
+        help="stage, commit and merge into --branch through the same fences as a task",
+    )
+    exec_.add_argument(
+        "--execution-id",
+        default=None,
+        help="with --publish: continue that manual execution (after a crash) instead of "
+        "starting a new one; it never merges twice",
+    )
     exec_.set_defaults(fn=cmd_exec)
 
     config = sub.add_parser("config", help="inspect settings")

@@ -55,6 +55,8 @@ META_ROOT_RETRY = "perago.root_retry_count"
 META_TOKEN = "perago.token"  # noqa: S105 (a metadata key, not a secret)
 META_STAGED = "perago.staged_commit"
 META_RESULT = "perago.result"
+META_MANUAL = "perago.manual"
+MANUAL_PREFIX = "manual-"
 TOKEN_SEPARATOR = "#"  # noqa: S105
 
 
@@ -355,6 +357,33 @@ def history_ends(commit: _Dated, *, not_before: float) -> bool:
     name the execution's own merge, or a later commit.
     """
     return commit.creation_date < not_before
+
+
+# -- manual executions (`perago-worker exec --publish`) -------------------------------------
+
+_MANUAL = re.compile(rf"^{MANUAL_PREFIX}(?P<ms>[0-9]{{13}})-(?P<nonce>[0-9a-f]{{8,32}})$", re.ASCII)
+
+
+def manual_execution_id(now: float, nonce: str | None = None) -> str:
+    """`manual-<unix ms>-<hex>`: one logical execution of one task outside Conductor.
+
+    It stands for the workflow id, the task id and the root scheduling at once, so a manual
+    execution resolves through the same ledger and publish fence as a task. Its start time
+    is in the name so that a re-run with the same id (after a crash) bounds the history walk
+    the way a task's scheduled time does.
+    """
+    return f"{MANUAL_PREFIX}{int(now * 1000):013d}-{nonce or secrets.token_hex(4)}"
+
+
+def manual_started_ms(execution_id: str) -> int | None:
+    """Pure: the start (unix ms) a manual execution id carries, or None if it is not one."""
+    match = _MANUAL.match(execution_id)
+    return int(match.group("ms")) if match else None
+
+
+def is_manual(workflow_id: str) -> bool:
+    """A workflow id that names a manual execution: no Conductor workflow stands behind it."""
+    return manual_started_ms(workflow_id) is not None
 
 
 # -- branch names --------------------------------------------------------------------------

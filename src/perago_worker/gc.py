@@ -8,6 +8,7 @@
   when Conductor answers 404 for their workflow (the intent commit's `perago.workflow_id`:
   nothing can retry it any more), or says the workflow is terminal and the intent is older
   than `intent_older_than` (a terminal workflow can still be rerun or retried by hand).
+  A manual execution's (`exec --publish`) counts as a terminal workflow's.
 
 Deleting an intent whose workflow can still retry gives up the publish fence's first
 memory, so nothing is deleted on a guess: when Conductor's answer is anything but one of
@@ -88,6 +89,14 @@ class _Answer:
         return self.state in (_State.GONE, _State.TERMINAL)
 
 
+# A manual execution (`perago-worker exec --publish`, `fences.is_manual`) has no Conductor
+# task or workflow to ask: its process is its only owner. It counts as terminal, so its
+# staging branch goes after `older_than` and its intent and ledger entries after
+# `intent_older_than`, as a finished workflow's do; a re-run with its execution id within
+# that time still finds them.
+MANUAL_ANSWER = _Answer(_State.TERMINAL, "a manual execution (perago-worker exec --publish)")
+
+
 def _short(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else ""
@@ -128,12 +137,16 @@ class _Oracle:
             return None, _Answer(_State.UNVERIFIABLE, _short(exc))
 
     def task(self, task_id: str) -> _Answer:
+        if fences.is_manual(task_id):
+            return MANUAL_ANSWER
         task, answer = self._ask(self._conductor.tasks.get_task, task_id)
         if answer is not None:
             return answer
         return self._classify(task, TERMINAL_TASK_STATES, "task")
 
     def workflow(self, workflow_id: str) -> _Answer:
+        if fences.is_manual(workflow_id):
+            return MANUAL_ANSWER
         workflow, answer = self._ask(
             self._conductor.workflows.get_execution_status, workflow_id, include_tasks=False
         )

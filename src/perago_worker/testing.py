@@ -28,14 +28,13 @@ task's `timeout=`, or `timeout` here) to `timed_out`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,7 +207,7 @@ class HandlerEnvironment:
             timer.daemon = True
             timer.start()
         try:
-            with self._loop_for(spec):
+            with invocation.serving_loop(spec, self.settings):
                 return self._run(spec, raw, ctx, materializer, where, source, keep)
         finally:
             if timer is not None:
@@ -286,21 +285,6 @@ class HandlerEnvironment:
             log=plog.get_logger(task_id=task_id, task_type=spec.name),
             deadline=None if seconds is None else time.monotonic() + seconds,
         )
-
-    @contextlib.contextmanager
-    def _loop_for(self, spec: TaskSpec) -> Iterator[None]:
-        if not invocation.runs_on_loop(spec, self.settings):
-            yield
-            return
-
-        def stamp(_period: float) -> None:
-            return None
-
-        invocation.loop.LOOP.acquire(stamp)
-        try:
-            yield
-        finally:
-            invocation.loop.LOOP.release(stamp)
 
     def _new_root(self) -> Path:
         parent = self.scratch or Path(tempfile.gettempdir())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from perago_worker import TaskContext, Worker, WorkspaceSpec
-from perago_worker.checks import require_file
+from perago_worker.checks import forbid_glob, require_file
 
 app = Worker()
 
@@ -41,3 +41,26 @@ class Said(BaseModel):
 @app.task("exec_hello")
 def hello(ctx: TaskContext, params: Hello) -> Said:
     return Said(text=f"hello {params.name}")
+
+
+class Note(BaseModel):
+    name: str
+    text: str = "note"
+    fail: bool = False
+    leave_tmp: bool = False
+
+
+class Noted(BaseModel):
+    path: str
+
+
+@app.task("exec_note", workspace=WorkspaceSpec(prefix="/notes"), post=[forbid_glob("**/*.tmp")])
+def note(ctx: TaskContext, params: Note) -> Noted:
+    """Writes `notes/<name>.txt`: what `exec --publish` publishes in test_exec_publish.py."""
+    path = ctx.workspace.root / f"{params.name}.txt"
+    path.write_text(params.text)
+    if params.leave_tmp:
+        (ctx.workspace.root / "half.tmp").write_text("half-written")
+    if params.fail:
+        raise ValueError("refusing on purpose")
+    return Noted(path=f"notes/{params.name}.txt")

@@ -370,3 +370,40 @@ def test_a_links_own_scheduling_decides_it_else_the_latest_earlier_one() -> None
     assert deciding_scheduling(replace(revival, start_time=6_000), [ROOT, revival]) == revival
     assert deciding_scheduling(ROOT, [rerun, revival]) is None  # later ones never decide
     assert deciding_scheduling(ROOT, []) is None
+
+
+# -- manual executions (`exec --publish`) ----------------------------------------------------
+
+
+@given(st.floats(min_value=1e9, max_value=9.9e9), st.from_regex(r"[0-9a-f]{8}", fullmatch=True))
+def test_a_manual_execution_id_carries_its_start_and_is_recognised(now: float, nonce: str) -> None:
+    from perago_worker.fences import is_manual, manual_execution_id, manual_started_ms
+
+    execution = manual_execution_id(now, nonce)
+    assert execution.startswith("manual-") and execution.endswith(nonce)
+    assert manual_started_ms(execution) == int(now * 1000)
+    assert is_manual(execution)
+
+
+@pytest.mark.parametrize(
+    "workflow_id",
+    ["", "manual-", "manual-123-abcdef01", "manual-1764650000000-XYZ", "3f1c-uuid", "manualx"],
+)
+def test_a_conductor_workflow_id_is_never_taken_for_a_manual_execution(workflow_id: str) -> None:
+    from perago_worker.fences import is_manual
+
+    assert not is_manual(workflow_id)
+
+
+def test_two_manual_execution_ids_of_one_instant_differ() -> None:
+    from perago_worker.fences import manual_execution_id
+
+    assert manual_execution_id(1_800_000_000.0) != manual_execution_id(1_800_000_000.0)
+
+
+def test_a_manual_execution_id_fits_a_staging_branch_name_whole() -> None:
+    from perago_worker.fences import manual_execution_id, parse_staging_branch, staging_branch
+
+    execution = manual_execution_id(1_800_000_000.0)
+    parsed = parse_staging_branch(staging_branch(execution, "abcd1234", 1_800_000_000.0))
+    assert parsed == (execution, 1_800_000_000.0)

@@ -34,6 +34,7 @@ ALLOWED = {
     ),
     ("perago_worker.testing", "keyword _config"): "as in runner: the test double builds a context",
     ("perago_worker.invocation.process", "keyword _config"): "as in runner: a child's context",
+    ("perago_worker.manual", "keyword _config"): "as in runner: a manual execution's context",
     ("perago_worker.invocation.process", "keyword _workspace"): (
         "TaskContext's constructor: a process-isolated child rebuilds its context with the "
         "parent's workspace"

@@ -45,8 +45,10 @@ here it bounds the handler.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -90,6 +92,7 @@ __all__ = [
     "resolve",
     "run_handler",
     "runs_on_loop",
+    "serving_loop",
     "stop_children",
     "timeout_for",
     "trace_of",
@@ -128,3 +131,22 @@ def run_handler(spec: TaskSpec, ctx: TaskContext, params: BaseModel, settings: S
 def runs_on_loop(spec: TaskSpec, settings: Settings) -> bool:
     """An async handler that runs in the worker itself, on its event loop."""
     return spec.is_async and isolation_for(spec, settings) == "thread"
+
+
+@contextlib.contextmanager
+def serving_loop(spec: TaskSpec, settings: Settings) -> Iterator[None]:
+    """Keep the worker's event loop running while one attempt of `spec` runs outside the
+    runner (`perago_worker.testing`, `perago-worker exec`): the runner holds it for its
+    whole life, a one-off run only for the attempt. A no-op for tasks not on the loop."""
+    if not runs_on_loop(spec, settings):
+        yield
+        return
+
+    def stamp(_period: float) -> None:
+        return None  # no health endpoint watches a one-off run's loop
+
+    loop.LOOP.acquire(stamp)
+    try:
+        yield
+    finally:
+        loop.LOOP.release(stamp)
