@@ -1,10 +1,19 @@
-"""Fault-suite fixtures: real worker processes sharing one scratch root, killed at will."""
+"""Fault-suite fixtures: real worker processes sharing one scratch root, killed at will.
+
+`PERAGO_TEST_CONDUCTOR=postgres` runs the suite on the production persistence: PostgreSQL
+under two Conductors and two lakeFS servers (`perago_worker.devstack.servers`, started for
+this folder in place of the session's stack). The harness then starts its workers
+alternately on the first and the second instance, so a second worker of a test polls
+another Conductor and merges through another lakeFS than the first; `stack.conductor` and
+`stack.lakefs` (what the restart tests restart) are the first instance's.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +28,7 @@ from perago_testing import keys_at, one_task_workflow, seed, suffix, workspace
 from perago_worker import fences
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.demo import register_app, wait_for_workflow
-from perago_worker.devstack.servers import Endpoints
+from perago_worker.devstack.servers import CONDUCTOR_PERSISTENCES, Endpoints, Stack, running_stack
 from perago_worker.devstack.worker_process import WorkerProcess, start_worker
 from perago_worker.execution import LEDGER_BRANCH, LEDGER_PREFIX
 from perago_worker.gc import collect
@@ -27,6 +36,35 @@ from perago_worker.lakefs import LakeFS, NotFound
 
 HERE = Path(__file__).parent
 S = suffix()
+PERSISTENCE = os.environ.get("PERAGO_TEST_CONDUCTOR", "sqlite")
+if PERSISTENCE not in CONDUCTOR_PERSISTENCES:
+    raise pytest.UsageError(f"PERAGO_TEST_CONDUCTOR must be one of {CONDUCTOR_PERSISTENCES}")
+_CLUSTER: Stack | None = None
+
+if PERSISTENCE == "postgres":
+
+    @pytest.fixture(scope="session")
+    def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
+        """The postgres stack, in place of the session's (tests/conftest.py)."""
+        global _CLUSTER
+        with running_stack(tmp_path_factory.mktemp("fault-cluster"), conductor="postgres") as st:
+            _CLUSTER = st
+            try:
+                yield st.endpoints
+            finally:
+                _CLUSTER = None
+
+    @pytest.fixture(scope="session")
+    def stack(endpoints: Endpoints) -> Stack:
+        assert _CLUSTER is not None
+        return _CLUSTER
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+        outcome = yield
+        report = outcome.get_result()
+        if report.failed and _CLUSTER is not None and call.when in ("setup", "call"):
+            report.sections.append(("cluster logs", _CLUSTER.log_tails()))
 
 
 @dataclass
@@ -41,10 +79,12 @@ class Case:
 class Sweeper:
     """Stands in for a production Conductor's sweeper cadence.
 
-    The SQLite persistence re-offers the decider queue's unacked workflows only every 60 s
-    (a constant in its queue DAO), so a response timeout would take one to two minutes to
-    be noticed. Asking Conductor to `decide` the running case workflows every second runs
-    Conductor's own timeout and retry logic, just sooner.
+    Conductor's sweeper pops a workflow from the decider queue and leaves the message
+    unacknowledged; both the SQLite and the PostgreSQL queue DAO re-offer such messages only
+    60 s after their delivery time, on a 60 s schedule (`UNACK_SCHEDULE_MS` in each), so a
+    response timeout would take one to two minutes to be noticed on either persistence.
+    Asking Conductor to `decide` the running case workflows every second runs Conductor's own
+    timeout and retry logic, just sooner (on PostgreSQL under the shared workflow lock).
     """
 
     def __init__(self, conductor: Conductor) -> None:
@@ -79,7 +119,8 @@ class Harness:
     def worker(self, name: str, *, faults: str = "", **env: str) -> WorkerProcess:
         proc = start_worker(
             "fault_app:app",
-            self.endpoints,
+            # Alternately the first and the second instance (one, on a single-server stack).
+            self.endpoints.instance(len(self.workers)),
             self.workdir / name,
             name=name,
             env={
@@ -242,8 +283,6 @@ def drifting_workflow(conductor: Conductor, task_type: str, param_keys: list[str
 
 @pytest.fixture(scope="module")
 def fault_defs(conductor: Conductor) -> None:
-    import os
-
     os.environ["PERAGO_TEST_SUFFIX"] = S
     import fault_app
 

