@@ -354,22 +354,27 @@ class Conductor:
 
     def workflow_exists(self, name: str, version: int | None = None) -> bool:
         """Whether a workflow definition `name` (at `version`, or any) is registered."""
+        return self.workflow_definition(name, version) is not None
+
+    def workflow_definition(self, name: str, version: int | None = None) -> dict[str, Any] | None:
+        """The JSON of workflow definition `name` (at `version`, else the latest), or None."""
         # Raw: the SDK's `get_workflow_metadata` asks an Orkes-only path (/metadata/tags/...).
         query = [] if version is None else [("version", version)]
         try:
-            self.call(
+            found = self.call(
                 self._client.call_api,
                 f"/metadata/workflow/{urllib.parse.quote(name, safe='')}",
                 "GET",
                 query_params=query,
+                response_type="object",
                 _return_http_data_only=True,
                 retry_seconds=5,
             )
         except ConductorError as exc:
             if exc.status == 404:
-                return False
+                return None
             raise
-        return True
+        return found if isinstance(found, dict) else {}
 
     def start_workflow(
         self,

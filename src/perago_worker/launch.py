@@ -9,6 +9,7 @@ flat `workspace` input, and read back the provenance of every merge the run made
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,14 +76,44 @@ def start(
     *,
     version: int | None = None,
 ) -> str:
-    """Start workflow `name` on `workspace`; its id."""
-    if not conductor.workflow_exists(name, version):
-        which = name if version is None else f"{name} version {version}"
+    """Start workflow `name` on `workspace`; its id.
+
+    Refused before anything starts when the definition is missing, or names a task type
+    with no task definition: Conductor would start the run and leave it failed on its first
+    such task, which a newcomer only sees by reading the run.
+    """
+    which = name if version is None else f"{name} version {version}"
+    definition = conductor.workflow_definition(name, version)
+    if definition is None:
         raise LaunchError(
             f"no workflow definition {which!r} on {conductor.url}: register it first "
             "(PUT /api/metadata/workflow with its JSON)"
         )
+    defined = {d.name for d in conductor.get_task_defs()}
+    missing = sorted(set(simple_task_types(definition.get("tasks") or [])) - defined)
+    if missing:
+        raise LaunchError(
+            f"workflow {which!r} uses task type(s) {', '.join(missing)} with no task "
+            f"definition on {conductor.url}: register the app that handles them first "
+            "(perago-worker register MODULE:app)"
+        )
     return conductor.start_workflow(name, workflow_input(workspace, params), version=version)
+
+
+def simple_task_types(tasks: list[Any]) -> Iterator[str]:
+    """Pure: the task types of the SIMPLE tasks (a worker's) in a definition's task list,
+    nested ones included (fork branches, switch cases, loop bodies)."""
+    for task in tasks:
+        if not isinstance(task, dict):
+            continue
+        if task.get("type", "SIMPLE") == "SIMPLE" and task.get("name"):
+            yield str(task["name"])
+        for branch in task.get("forkTasks") or []:
+            yield from simple_task_types(branch)
+        for case in (task.get("decisionCases") or {}).values():
+            yield from simple_task_types(case)
+        yield from simple_task_types(task.get("defaultCase") or [])
+        yield from simple_task_types(task.get("loopOver") or [])
 
 
 def wait(conductor: Conductor, workflow_id: str, timeout: float) -> Any:

@@ -167,6 +167,42 @@ def test_start_of_an_unknown_workflow_names_it(
     assert "no workflow definition 'wf_nobody'" in result.stderr
 
 
+def test_start_of_a_workflow_whose_task_type_has_no_definition_says_to_register_it(
+    endpoints: Endpoints,
+    served: InProcessWorker,
+    conductor: Conductor,
+    branch: tuple[str, str, str],
+) -> None:
+    """Conductor accepts such a workflow and would fail its run at that task: refused first."""
+    name = f"wf_unregistered_{S}"
+    missing = f"never_registered_{S}"
+    conductor.register_workflow(
+        {
+            "name": name,
+            "version": 1,
+            "schemaVersion": 2,
+            "ownerEmail": "tests@localhost",
+            "tasks": [
+                {"name": f"note_{S}", "taskReferenceName": "a", "type": "SIMPLE"},
+                {
+                    "name": "fork",
+                    "taskReferenceName": "fork",
+                    "type": "FORK_JOIN",
+                    "forkTasks": [[{"name": missing, "taskReferenceName": "b", "type": "SIMPLE"}]],
+                },
+                {"name": "join", "taskReferenceName": "join", "type": "JOIN", "joinOn": ["b"]},
+            ],
+        }
+    )
+    runs_before = conductor.workflows.get_running_workflow(name, version=1)
+    result = cli(endpoints, "start", name, "--repository", branch[0], "--branch", "main")
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert f"uses task type(s) {missing} with no task definition" in line
+    assert "perago-worker register" in line and f"note_{S}" not in line  # it is registered
+    assert conductor.workflows.get_running_workflow(name, version=1) == runs_before == []
+
+
 def test_the_handlers_guide_quotes_starts_wait_timeout() -> None:
     from perago_worker.cli import build_parser
 
