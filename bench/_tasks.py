@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from conductor.client.http.models.task_def import TaskDef
 
+import _calls
 from _harness import BENCH_DIR, Bench, log, median, percentile, rotated
 from _report import Row, Section, Target
 from bench_app import NOOP_TASK, WRITE_TASK, app
@@ -27,6 +30,11 @@ CONCURRENCIES = (1, 4, 16)
 LATENCY_CONCURRENCY = 4  # the worker's default
 WORKFLOW_TIMEOUT = 120.0
 OVERHEAD_UNDER_150 = Target("overhead < 150 ms", lambda r: r.perago_median - r.ref_median < 150)
+# Issue 16: a one-file task's p50 overhead, and no-op throughput at 4 and 16 against the bare
+# worker measured in the same run.
+OVERHEAD_AT_MOST_100 = Target("overhead <= 100 ms", lambda r: r.perago_median - r.ref_median <= 100)
+THROUGHPUT_TARGET = Target("ratio >= 0.9", lambda r: r.ratio >= 0.9)
+THROUGHPUT_TARGETED = (4, 16)
 
 
 def workflow_name(kind: str) -> str:
@@ -135,7 +143,10 @@ def throughput_once(b: Bench, kind: str, count: int) -> float:
 
 
 @contextlib.contextmanager
-def perago_worker(b: Bench, concurrency: int) -> Iterator[None]:
+def perago_worker(
+    b: Bench, concurrency: int, extra_env: dict[str, str] | None = None
+) -> Iterator[int]:
+    """A `perago-worker run bench_app:app` process; yields its pid."""
     worker = start_worker(
         "bench_app:app",
         b.endpoints,
@@ -147,13 +158,14 @@ def perago_worker(b: Bench, concurrency: int) -> Iterator[None]:
             "PERAGO_POLL_TIMEOUT_MS": str(POLL_TIMEOUT_MS),
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
+            **(extra_env or {}),
         },
         name=f"perago-c{concurrency}",
         wait=False,  # wait below, inside the try: a worker that never gets ready is stopped too
     )
     try:
         worker.wait_ready(timeout=90)
-        yield
+        yield worker.proc.pid
     except BaseException:
         log(f"perago worker log tail:\n{worker.tail(30)}")
         raise
@@ -178,7 +190,8 @@ def fence_windows(events: list[dict[str, Any]]) -> list[float]:
 
 
 @contextlib.contextmanager
-def bare_worker(b: Bench, threads: int) -> Iterator[None]:
+def bare_worker(b: Bench, threads: int) -> Iterator[int]:
+    """bench/bare_worker.py with `threads` polling threads; yields its pid."""
     folder = b.workdir / f"bare-worker-t{threads}"
     folder.mkdir(parents=True, exist_ok=True)
     ready = folder / "ready"
@@ -211,7 +224,7 @@ def bare_worker(b: Bench, threads: int) -> Iterator[None]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"bare worker did not start:\n{log_path.read_text()[-2000:]}")
             time.sleep(0.05)
-        yield
+        yield proc.pid
     finally:
         proc.terminate()
         try:
@@ -221,10 +234,151 @@ def bare_worker(b: Bench, threads: int) -> Iterator[None]:
             proc.wait(timeout=10)
 
 
+# -- where the CPU goes ---------------------------------------------------------------------
+
+
+def listening_pid(port: int) -> int | None:
+    """The process listening on loopback TCP `port` (/proc/net/tcp's socket inode, found
+    among /proc/<pid>/fd), or None: the servers of a stack the harness did not start."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return int(proc.name)
+    return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads (/proc/<pid>/stat fields 14 and 15)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pids(b: Bench) -> dict[str, int]:
+    """lakeFS, Conductor and the store (when there is one), by the ports they listen on."""
+    urls = {"lakeFS": b.endpoints.lakefs_url, "Conductor": b.endpoints.conductor_url}
+    if b.endpoints.store is not None:
+        urls["store"] = b.endpoints.store.url
+    pids = {}
+    for name, url in urls.items():
+        port = urllib.parse.urlsplit(url).port
+        pid = listening_pid(port) if port else None
+        if pid is not None:
+            pids[name] = pid
+    return pids
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named process, this bench process included."""
+    own = os.times()
+    return {**{n: cpu_seconds(p) for n, p in pids.items()}, "bench": own.user + own.system}
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat's first line."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+# -- the call list ----------------------------------------------------------------------------
+
+
+def case_calls(b: Bench, *, samples: int, profile: bool = True) -> Section:
+    """Every HTTP round trip of `samples` sequential tasks of each kind, at concurrency 1."""
+    section = Section(
+        "3b. Round trips per task",
+        f"A `perago-worker run bench_app:app` process at concurrency 1 with every HTTP request "
+        f"recorded (bench/_calls.py: `http.client`, so urllib3 and lakefs-sdk too, and httpx, "
+        f"so conductor-python): thread, server, method, path pattern and time. {samples} "
+        f"sequential one-task workflows of each kind after 3 warm-up tasks; the figures are "
+        f"per task over all of them (warm-ups included). The poll loop's figure includes "
+        f"the idle long polls between tasks ({POLL_TIMEOUT_MS} ms each).",
+    )
+    register(b)
+    servers = {
+        f"{u.hostname}:{u.port}": name
+        for name, url in (
+            ("lakeFS", b.endpoints.lakefs_url),
+            ("Conductor", b.endpoints.conductor_url),
+            ("store", b.endpoints.store.url if b.endpoints.store else ""),
+        )
+        if url
+        for u in [urllib.parse.urlsplit(url)]
+    }
+    for kind in ("noop", "write"):
+        out = b.workdir / f"calls-{kind}.jsonl"
+        out.unlink(missing_ok=True)
+        latencies = []
+        with perago_worker(b, 1, {"PERAGO_BENCH_CALLS": str(out)}):
+            for _ in range(3):
+                latency_once(b, kind)
+            for _ in range(samples):
+                latencies.append(latency_once(b, kind) * 1000)
+        records = _calls.load(out)
+        tasks = samples + 3
+        table = _calls.summarize(records, tasks, servers)
+        section.tables.append(
+            f"`{WORKFLOWS[kind]}` ({tasks} tasks, p50 {percentile(latencies, 50):.1f} ms):\n\n"
+            + table
+        )
+        section.tables.append(
+            f"One `{WORKFLOWS[kind]}` attempt in order (ms from its first call):\n\n"
+            + _calls.timeline(records, servers)
+        )
+        log(f"calls {kind}:\n{table}")
+    if profile:
+        prof = b.workdir / "profile-noop.pstats"
+        with perago_worker(b, 4, {"PERAGO_BENCH_PROFILE": str(prof)}):
+            latency_once(b, "noop")
+            throughput_once(b, "noop", max(samples, 50))
+        section.tables.append(
+            "cProfile of every worker thread over a no-op throughput run (concurrency 4; "
+            "cProfile roughly doubles the CPU, so read the shares, not the times):\n\n"
+            + profile_table(prof)
+        )
+    return section
+
+
+def profile_table(path: Path, top: int = 30) -> str:
+    """The functions with the most own time (pstats), as a Markdown table."""
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # type: ignore[attr-defined]
+    total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
+    lines = ["| own s | share | calls | function |", "|---|---|---|---|"]
+    for (file, line, name), (_cc, calls, own, _cum, _callers) in rows:
+        where = f"{Path(file).parent.name}/{Path(file).name}:{line}" if line else file
+        lines.append(f"| {own:.3f} | {100 * own / total:.1f} % | {calls} | `{name}` {where} |")
+    return "\n".join(lines)
+
+
 # -- the case -----------------------------------------------------------------------------
 
 
-def case_tasks(b: Bench, *, sequential: int, burst: int) -> Section:
+def case_tasks(
+    b: Bench,
+    *,
+    sequential: int,
+    burst: int,
+    concurrencies: tuple[int, ...] = CONCURRENCIES,
+) -> Section:
     section = Section(
         "3. Per-task overhead and throughput",
         f"A real `perago-worker run bench_app:app` process (bench/bench_app.py; default "
@@ -237,18 +391,24 @@ def case_tasks(b: Bench, *, sequential: int, burst: int) -> Section:
         f"materializes `tiny/` (3 files), changes nothing (no commit, no merge) and reports; "
         f"`bench_write` adds one file, so it also stages, commits, claims and merges. "
         f"Throughput: {burst} workflows started at once, until all are COMPLETED, with "
-        f"PERAGO_CONCURRENCY (bare: threads) 1, 4 and 16.",
+        f"PERAGO_CONCURRENCY (bare: threads) {', '.join(map(str, concurrencies))}. "
+        f"Around each throughput run the harness reads the CPU time of the worker, lakeFS, "
+        f"Conductor, the store and itself (the 8 starting threads and the status polls), "
+        f"and the machine's busy share from /proc/stat.",
     )
     register(b)
     lat: dict[str, dict[str, list[float]]] = {
         k: {"p50": [], "p95": []} for k in ("noop", "write", "bare")
     }
-    rate: dict[int, dict[str, list[float]]] = {c: {"perago": [], "bare": []} for c in CONCURRENCIES}
-    for i, concurrency in enumerate(CONCURRENCIES):
+    rate: dict[int, dict[str, list[float]]] = {c: {"perago": [], "bare": []} for c in concurrencies}
+    # CPU ms per task of each process in each throughput run, and the machine's busy share.
+    cpu: dict[tuple[int, str], list[dict[str, float]]] = {}
+    pids = server_pids(b)
+    for i, concurrency in enumerate(concurrencies):
         for who in rotated(["perago", "bare"], i):
             workers = perago_worker if who == "perago" else bare_worker
             kinds = ["noop", "write"] if who == "perago" else ["bare"]
-            with workers(b, concurrency):
+            with workers(b, concurrency) as worker_pid:
                 for kind in kinds:  # warm up both ends (JIT, imports, connections, cache)
                     for _ in range(3):
                         latency_once(b, kind)
@@ -262,10 +422,21 @@ def case_tasks(b: Bench, *, sequential: int, burst: int) -> Section:
                                 f"latency {kind} #{rep + 1}: p50 {percentile(samples, 50):.1f} ms,"
                                 f" p95 {percentile(samples, 95):.1f} ms"
                             )
+                    watched = {**pids, "worker": worker_pid}
+                    before, busy_before = cpu_snapshot(watched), machine_busy()
                     tps = throughput_once(b, kinds[0], burst)
+                    after, busy_after = cpu_snapshot(watched), machine_busy()
+                    used = {n: 1000 * (after[n] - before[n]) / burst for n in after}
+                    used["machine busy %"] = (
+                        100
+                        * (busy_after[0] - busy_before[0])
+                        / max(1, busy_after[1] - busy_before[1])
+                    )
+                    cpu.setdefault((concurrency, who), []).append(used)
                     rate[concurrency][who].append(tps)
                     log(f"throughput {who} c={concurrency} #{rep + 1}: {tps:.1f} tasks/s")
-    for kind, label in (("noop", "no-op task"), ("write", "one-file task")):
+    measured = [("noop", "no-op task"), ("write", "one-file task")] if lat["bare"]["p50"] else []
+    for kind, label in measured:
         for q in ("p50", "p95"):
             overhead = median(lat[kind][q]) - median(lat["bare"][q])
             section.rows.append(
@@ -275,11 +446,14 @@ def case_tasks(b: Bench, *, sequential: int, burst: int) -> Section:
                     "ms",
                     lat[kind][q],
                     lat["bare"][q],
-                    target=OVERHEAD_UNDER_150 if (kind, q) == ("noop", "p50") else None,
+                    target={
+                        ("noop", "p50"): OVERHEAD_UNDER_150,
+                        ("write", "p50"): OVERHEAD_AT_MOST_100,
+                    }.get((kind, q)),
                     extra=f"overhead {overhead:+.0f} ms",
                 )
             )
-    for concurrency in CONCURRENCIES:
+    for concurrency in concurrencies:
         section.rows.append(
             Row(
                 f"no-op tasks, {burst} at once, concurrency {concurrency}",
@@ -288,8 +462,22 @@ def case_tasks(b: Bench, *, sequential: int, burst: int) -> Section:
                 rate[concurrency]["perago"],
                 rate[concurrency]["bare"],
                 better="higher",
+                target=THROUGHPUT_TARGET if concurrency in THROUGHPUT_TARGETED else None,
             )
         )
+    if cpu:
+        names = ["worker", "lakeFS", "Conductor", "store", "bench", "machine busy %"]
+        names = [n for n in names if any(n in u for runs in cpu.values() for u in runs)]
+        lines = [
+            "CPU ms per task in the throughput runs (median over repeats; `machine busy %`: "
+            "all cores, every process):\n",
+            "| run | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for (concurrency, who), runs in sorted(cpu.items()):
+            cells = [f"{median([u.get(n, float('nan')) for u in runs]):.1f}" for n in names]
+            lines.append(f"| {who}, concurrency {concurrency} | " + " | ".join(cells) + " |")
+        section.tables.append("\n".join(lines))
     section.notes.append(
         "The ratio of latencies is necessarily < 1 (the bare worker does nothing); the "
         "figure that matters is the overhead, perago p50 minus bare p50."

@@ -3,13 +3,29 @@
 Both see the tiny `tiny/` prefix. `bench_noop` changes nothing (the attempt ends with the
 no-change path: no staging branch, no commit, no merge); `bench_write` adds one small file
 with a name unique to the task, so every run merges without conflicts.
+
+With `PERAGO_BENCH_CALLS=<file>` in its environment the worker also records every HTTP
+round trip it makes (bench/_calls.py) into that file when it exits: the call list per task;
+with `PERAGO_BENCH_PROFILE=<file>`, a cProfile of every thread it starts (pstats).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pydantic import BaseModel
 
 from perago_worker import TaskContext, Worker, WorkspaceSpec
+
+if os.environ.get("PERAGO_BENCH_CALLS"):
+    import _calls
+
+    _calls.install(Path(os.environ["PERAGO_BENCH_CALLS"]))
+if os.environ.get("PERAGO_BENCH_PROFILE"):
+    import _calls
+
+    _calls.install_profile(Path(os.environ["PERAGO_BENCH_PROFILE"]))
 
 app = Worker()
 

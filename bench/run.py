@@ -38,7 +38,7 @@ from _harness import (
     seed,
 )
 from _report import Section, machine, render_report, render_section, targets_summary
-from _tasks import case_tasks
+from _tasks import CONCURRENCIES, case_calls, case_tasks
 from _transfer import case_cache, case_incremental, case_materialize, case_memory, case_publish
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.servers import (
@@ -50,13 +50,23 @@ from perago_worker.devstack.servers import (
 )
 from perago_worker.lakefs import LakeFS
 
-CASES = ("materialize", "publish", "incremental", "tasks", "memory", "cache", "datapath")
+CASES = (
+    "materialize",
+    "publish",
+    "incremental",
+    "tasks",
+    "calls",
+    "memory",
+    "cache",
+    "datapath",
+)
 # Which seeded sets each case reads, and which local copies it needs besides.
 READS = {
     "materialize": set(TRANSFER_SETS),
     "publish": set(),
     "incremental": {"small", "medium"},
     "tasks": set(),
+    "calls": set(),
     "memory": {"huge"},
     "cache": {"small"},
     "datapath": set(TRANSFER_SETS),
@@ -66,6 +76,7 @@ LOCAL = {
     "publish": set(TRANSFER_SETS),
     "incremental": {"small", "medium"},
     "tasks": set(),
+    "calls": set(),
     "memory": {"huge"},
     "cache": set(),
     "datapath": set(TRANSFER_SETS),
@@ -100,6 +111,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--sequential", type=int, help="latency samples per repeat (50; quick 10)")
     parser.add_argument("--burst", type=int, help="workflows per throughput run (200; quick 20)")
+    parser.add_argument(
+        "--concurrency",
+        help="worker concurrencies of the throughput runs, comma-separated (default "
+        f"{','.join(map(str, CONCURRENCIES))}); latency is measured only when 4 is among them",
+    )
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -136,6 +152,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.sequential = args.sequential or (10 if args.quick else 50)
     args.burst = args.burst or (20 if args.quick else 200)
     args.deadline_minutes = args.deadline_minutes or (30 if args.quick else 360)
+    try:
+        args.concurrencies = (
+            tuple(int(c) for c in args.concurrency.split(",") if c.strip())
+            if args.concurrency
+            else CONCURRENCIES
+        )
+    except ValueError:
+        parser.error(f"--concurrency: not a list of integers: {args.concurrency!r}")
+    if not args.concurrencies or min(args.concurrencies) < 1:
+        parser.error("--concurrency needs integers >= 1")
     if args.repeat < 1 or args.parallelism < 1 or args.sequential < 2 or args.burst < 1:
         parser.error("--repeat, --parallelism, --burst must be >= 1 and --sequential >= 2")
     return args
@@ -196,7 +222,10 @@ def run_cases(b: Bench, args: argparse.Namespace) -> list[Section]:
         "materialize": lambda: case_materialize(b),
         "publish": lambda: case_publish(b),
         "incremental": lambda: case_incremental(b),
-        "tasks": lambda: case_tasks(b, sequential=args.sequential, burst=args.burst),
+        "tasks": lambda: case_tasks(
+            b, sequential=args.sequential, burst=args.burst, concurrencies=args.concurrencies
+        ),
+        "calls": lambda: case_calls(b, samples=args.sequential),
         "memory": lambda: case_memory(b),
         "cache": lambda: case_cache(b),
         "datapath": lambda: case_datapath(b),

@@ -310,24 +310,40 @@ class Conductor:
         return {queues[q]: int(n) for q, n in dict(answer or {}).items() if q in queues}
 
     def task_state(self, task_id: str, *, retry_seconds: float = 5) -> TaskState | None:
+        """`GET /api/tasks/{id}`: the attempt fence's read, once or more per task.
+
+        Through the SDK's `ApiClient` (its auth header, TLS, proxy and errors) but not its
+        generated `get_task`, whose argument validation and `Task` model cost most of the
+        call's CPU in the worker (measured, docs/performance.md): the answer is decoded as
+        plain JSON and only the fields the fences read are kept.
+        """
         try:
-            task = self.call(self.tasks.get_task, task_id, retry_seconds=retry_seconds)
+            task = self.call(
+                self._client.call_api,
+                "/tasks/{taskId}",
+                "GET",
+                path_params={"taskId": task_id},
+                header_params={"Accept": "application/json"},
+                response_type="object",
+                _return_http_data_only=True,
+                retry_seconds=retry_seconds,
+            )
         except ConductorError as exc:
             if exc.status == 404:
                 return None
             raise
-        if task is None:
-            return None
+        if not isinstance(task, dict) or not task:
+            return None  # Conductor answers an unknown task id with an empty body
         return TaskState(
-            task_id=str(task.task_id),
-            status=str(task.status),
-            worker_id=task.worker_id,
-            poll_count=int(task.poll_count or 0),
-            retry_count=int(task.retry_count or 0),
-            scheduled_time=int(task.scheduled_time or 0),
-            start_time=int(task.start_time or 0),
-            retried_task_id=str(task.retried_task_id or ""),
-            workflow_id=str(task.workflow_instance_id or ""),
+            task_id=str(task.get("taskId") or task_id),
+            status=str(task.get("status")),
+            worker_id=task.get("workerId"),
+            poll_count=int(task.get("pollCount") or 0),
+            retry_count=int(task.get("retryCount") or 0),
+            scheduled_time=int(task.get("scheduledTime") or 0),
+            start_time=int(task.get("startTime") or 0),
+            retried_task_id=str(task.get("retriedTaskId") or ""),
+            workflow_id=str(task.get("workflowInstanceId") or ""),
         )
 
     # -- metadata and workflows (CLI, demo, tests) -----------------------------------------

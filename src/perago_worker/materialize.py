@@ -123,10 +123,15 @@ def materialize(
             threads.append(thread)
 
     ensure_workers(1)
+    listed = 0
     try:
         for page in transfers.list_objects(repository, ref, prefix):
             big = any(obj.size >= SMALL_OBJECT for obj in page)
-            ensure_workers(concurrency if big else small_object_threads)
+            listed += len(page)
+            # Never more threads than objects: a small prefix (a few files) would otherwise
+            # start 8 threads to fetch 3 files, and a thread start costs about as much CPU
+            # as a small cached file.
+            ensure_workers(min(listed, concurrency if big else small_object_threads))
             for obj in page:
                 if stop.is_set():
                     break

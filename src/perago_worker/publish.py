@@ -231,6 +231,7 @@ def merge_once(
     fence: Callable[[], bool],
     retry_seconds: float,
     figures: MergeFigures | None = None,
+    unpublished: bool = False,
 ) -> tuple[str, bool]:
     """Merge `staged_commit` into the target once; return (merge commit, merged by us).
 
@@ -249,6 +250,13 @@ def merge_once(
     recomputation), and the execution still gets a merge commit of its own, never an
     unrelated head. After a request with an unknown outcome that case fails retryably
     (`MergeOutcomeUnknown`): the retry finds the merge if it landed.
+
+    `unpublished`: the caller knows the history cannot hold the execution's merge yet (a
+    fresh execution, see `Execution.fresh`, whose intent branch the caller created itself:
+    nothing merged it before its resolve, and any merge since would be a merge of this
+    intent, made after its claim). The history read before the *first* request is then
+    skipped; should a merge of the intent have landed anyway, lakeFS refuses the request as
+    "no changes" and the history is read before anything else is sent, as above.
     """
     figures = figures if figures is not None else MergeFigures()
     target = execution.target
@@ -257,10 +265,13 @@ def merge_once(
     delay = 0.2
     unknown_outcome = False
     allow_empty = False
+    read_history = not unpublished
     while True:
-        found = published(lakefs, execution)
-        if found is not None:
-            return found.commit_id, False
+        if read_history:
+            found = published(lakefs, execution)
+            if found is not None:
+                return found.commit_id, False
+        read_history = True
         if not fence():
             raise NotLive("the attempt fence failed immediately before the merge")
         fenced_at = time.monotonic()

@@ -22,6 +22,7 @@ longest that step may take. The main thread (`run_forever`) looks at them every
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -191,6 +192,20 @@ class Lifecycle:
         if self.state == "running":
             causes += [p for beat in list(self.loops.values()) if (p := beat.problem())]
         return causes
+
+
+class _SlotHold:
+    """An attempt's hold on its task type's slot, released exactly once (early, when the
+    attempt's work is done, or at the very end if it never got that far)."""
+
+    def __init__(self, slots: threading.BoundedSemaphore) -> None:
+        self._slots = slots
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
 
 
 @dataclass
@@ -565,9 +580,19 @@ class Runner:
         return verdict.live
 
     def _run_attempt(self, entry: InFlight) -> None:
+        """One attempt, then its tail: the fenced report, outside the attempt's slot.
+
+        The slot bounds attempts doing work (a workspace, a handler, a publish). Once
+        `Attempt.run` returns, all that is left is waiting on servers: the staging branch's
+        deletion, the attempt fence's read and the report. So the slot goes back to the poll
+        loop at once, and the next task's poll and start overlap this tail. The tail stays
+        in flight (the drain waits for it) and keeps its order: the fence read, then the
+        report, on this thread; the deletion runs beside the fence read.
+        """
         spec, ctx = entry.spec, entry.ctx
         ctx.log.info("attempt.start", reference_name=ctx.reference_name)
         started = time.monotonic()
+        slot = _SlotHold(self._slots[spec.name])
         try:
             span = tracing.attempt(ctx, entry.polled, self.settings)  # the root; or a no-op
         except Exception as exc:  # tracing must never hold a task: it runs untraced
@@ -581,8 +606,11 @@ class Runner:
                 self.deps,
                 still_live=lambda: self.is_live(entry),
                 incarnation=Incarnation.of(entry.task),
+                defer_cleanup=True,
             )
             outcome = attempt.run()
+            slot.release()
+            cleanup = self._start_cleanup(attempt.cleanups)
             if ctx.timed_out and outcome.kind != FailureKind.TIMED_OUT.value:
                 # Past its deadline before it began to publish, whatever phase it was in
                 # (downloads, checks, staging) and whatever that phase made of it.
@@ -593,6 +621,8 @@ class Runner:
                 outcome.report = False
             elif outcome.report and not outcome.verified_live and not self.is_live(entry):
                 outcome.report = False
+            if cleanup is not None:  # done before the report: a COMPLETED task left no branch
+                cleanup.join(self.publish_wait_seconds)
             if outcome.report:
                 self._report(entry, outcome)
             elif not entry.reported:
@@ -613,7 +643,23 @@ class Runner:
             with self._lock:
                 self._inflight.pop(entry.key, None)
             metrics.IN_FLIGHT.labels(task_type=spec.name).dec()
-            self._slots[spec.name].release()
+            slot.release()
+
+    @staticmethod
+    def _start_cleanup(steps: list[Callable[[], object]]) -> threading.Thread | None:
+        """Run an attempt's deferred tidying (`Attempt.cleanups`) on a thread of its own,
+        so it overlaps the fence read; a failure is left to gc, as it always was."""
+        if not steps:
+            return None
+
+        def run() -> None:
+            for step in steps:
+                with contextlib.suppress(Exception):
+                    step()
+
+        thread = threading.Thread(target=run, name="attempt-cleanup", daemon=True)
+        thread.start()
+        return thread
 
     def _timed_out(self, entry: InFlight) -> Outcome:
         timeout = invocation.timeout_for(entry.spec, self.settings)

@@ -122,3 +122,57 @@ def test_the_fence_is_asked_before_every_request() -> None:
         retry_seconds=30,
     )
     assert asked == [0, 1, 2]  # once before each of the three requests
+
+
+# -- `unpublished`: our own claim of a fresh execution (attempt._publish) ---------------------
+
+
+@dataclass
+class CountingLakeFS(FakeLakeFS):
+    """The fake, counting the history reads (one `walk_log` per read)."""
+
+    reads: list[int] = field(default_factory=list)  # requests sent before each read
+
+    def walk_log(self, *args: Any, **kwargs: Any) -> Iterator[CommitInfo]:
+        self.reads.append(len(self.requests))
+        yield from super().walk_log(*args, **kwargs)
+
+
+def merge_unpublished(lakefs: FakeLakeFS) -> tuple[str, bool]:
+    return publish.merge_once(
+        lakefs,  # type: ignore[arg-type]
+        EXECUTION,
+        "staged",
+        "msg",
+        {},
+        fence=lambda: True,
+        retry_seconds=30,
+        unpublished=True,
+    )
+
+
+def test_an_unpublished_execution_sends_its_first_merge_without_reading_the_history() -> None:
+    lakefs = CountingLakeFS(["ok"])
+    assert merge_unpublished(lakefs) == ("m0", True)
+    assert lakefs.requests == [False]
+    assert lakefs.reads == []
+
+
+def test_an_unpublished_claim_merged_meanwhile_is_found_not_merged_twice() -> None:
+    # A racing delivery adopted our intent and merged it before our first request: lakeFS
+    # refuses ours as "no changes" (no allow_empty), and the history read that follows finds
+    # the merge before anything else is sent.
+    landed = CommitInfo(
+        "racer", [], "", {fences.META_EXECUTION: EXECUTION.key, fences.META_STAGED: "staged"}, 1
+    )
+    lakefs = CountingLakeFS(["no_changes"], history=[landed])
+    assert merge_unpublished(lakefs) == ("racer", False)
+    assert lakefs.requests == [False]
+    assert lakefs.reads and lakefs.reads[-1] == 1
+
+
+def test_an_unpublished_execution_still_reads_the_history_before_every_retry() -> None:
+    lakefs = CountingLakeFS(["timeout", "ok"])
+    assert merge_unpublished(lakefs) == ("m0", True)
+    assert lakefs.requests == [False, False]
+    assert lakefs.reads == [1]  # none before the first request, one before the retry

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,10 @@ def _pool_manager(network: Network, endpoint: str, maxsize: int) -> urllib3.Pool
     )
 
 
+def _q(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
 def _commit(c: Any) -> CommitInfo:
     return CommitInfo(
         id=c.id,
@@ -120,6 +125,7 @@ class LakeFS:
         if data_path not in DATA_PATHS:
             raise ValueError(f"data_path must be one of {', '.join(DATA_PATHS)}, not {data_path!r}")
         self.endpoint = endpoint.rstrip("/")
+        self._api_base = urllib.parse.urlsplit(self.endpoint).path.rstrip("/") + "/api/v1"
         self.network = network if network is not None else Network()
         self.credentials = credentials or Credentials(access_key_id, secret_access_key)
         config = _Configuration(host=f"{self.endpoint}/api/v1", username="", password="")
@@ -264,11 +270,25 @@ class LakeFS:
 
     # -- reads ------------------------------------------------------------------------------
 
+    # The two reads every workspace attempt makes first (and `commit_staged` after a retried
+    # commit) go as plain JSON over the data plane's keep-alive connection, like listings:
+    # the SDK's argument validation and models cost more worker CPU than the request
+    # (measured, docs/performance.md). Retries, 401 handling and errors are `call`'s.
+
     def get_commit(self, repository: str, ref: str) -> CommitInfo:
-        return _commit(self.call(self.commits.get_commit, repository, ref))
+        route = f"{self._api_base}/repositories/{_q(repository)}/commits/{_q(ref)}"
+        c = self.call(lambda **_: self.api.json("GET", route))
+        return CommitInfo(
+            id=str(c["id"]),
+            parents=list(c.get("parents") or []),
+            message=str(c.get("message") or ""),
+            metadata={str(k): str(v) for k, v in (c.get("metadata") or {}).items()},
+            creation_date=int(c.get("creation_date") or 0),
+        )
 
     def branch_head(self, repository: str, branch: str) -> str:
-        return str(self.call(self.branches.get_branch, repository, branch).commit_id)
+        route = f"{self._api_base}/repositories/{_q(repository)}/branches/{_q(branch)}"
+        return str(self.call(lambda **_: self.api.json("GET", route))["commit_id"])
 
     def repository_exists(self, repository: str) -> bool:
         try:
