@@ -66,7 +66,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "prepare":
         return prepare()
-    workdir = args.dir or Path(tempfile.mkdtemp(prefix=f"perago-{args.command}-"))
+    # Absolute: the servers run with the folder as their working directory, so a relative
+    # path handed to them (a database file, a data folder) would nest inside it.
+    workdir = (args.dir or Path(tempfile.mkdtemp(prefix=f"perago-{args.command}-"))).resolve()
     if args.command == "up":
         return up(workdir, args.blockstore, args.conductor)
     from perago_worker.devstack.demo import run_demo
