@@ -10,6 +10,7 @@ demo     the main job: stack + demo definitions + workflow + worker, one run end
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -32,16 +33,33 @@ def prepare() -> int:
     return 0
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM, and SIGINT even where it was ignored, end `up` through its cleanup.
+
+    The servers run in sessions of their own (a Ctrl-C aimed at the terminal must not kill
+    them half-way), so only `up` can stop them. A shell script's background job starts with
+    SIGINT ignored, and Python's default SIGTERM ends the process without any cleanup: both
+    would leave the servers running.
+    """
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 def up(workdir: Path, blockstore: str | None, conductor: str = "sqlite") -> int:
     from perago_worker.devstack.servers import running_stack
 
+    _stop_on_signals()
     with running_stack(workdir, blockstore=blockstore, conductor=conductor) as stack:
         print("# the stack is up; export these to point a worker or tests at it:")
         for key, value in stack.endpoints.as_env().items():
             print(f"export {key}={value}")
         for key, value in stack.endpoints.as_test_env().items():
             print(f"export {key}={value}")
-        print("# Ctrl-C stops the servers", flush=True)
+        print("# Ctrl-C (or SIGTERM) stops the servers", flush=True)
         try:
             while True:
                 time.sleep(3600)
