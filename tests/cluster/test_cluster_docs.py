@@ -126,3 +126,37 @@ def test_the_devstack_numbers() -> None:
 @pytest.mark.parametrize("name", [postgres.SUPERUSER, *postgres.DATABASES])
 def test_the_roles_and_databases(name: str) -> None:
     assert f"`{name}`" in SECTION
+
+
+def test_the_merge_race_answer_is_429_and_the_worker_retries_it() -> None:
+    """lakeFS 1.86 answers a branch update that lost its compare-and-swap too often with 429
+    (read from its Go module, where `lakefs_binaries` built it from; skipped when the module
+    cache holds no copy), and the worker's lakeFS adapter retries a 429 as transient."""
+    import subprocess
+
+    from perago_worker.lakefs import LakeFSError, is_transient
+
+    assert "answering 429, which the worker retries" in SECTION
+    assert is_transient(LakeFSError(429, "Too many attempts, try again later"))
+    try:
+        modcache = subprocess.run(
+            ["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("no Go toolchain to find lakeFS's module source")
+    source = Path(modcache) / f"github.com/treeverse/lakefs@{tools.LAKEFS_VERSION}"
+    if not source.exists():
+        pytest.skip(f"lakeFS {tools.LAKEFS_VERSION} is not in the Go module cache")
+    controller = (source / "pkg/api/controller.go").read_text()
+    case = controller.index("case errors.Is(err, graveler.ErrTooManyTries):")
+    assert "http.StatusTooManyRequests" in controller[case : case + 300]
+    graveler = (source / "pkg/graveler/graveler.go").read_text()
+    assert "func (g *Graveler) retryBranchUpdate(" in graveler
+    assert "ErrTooManyTries" in graveler[graveler.index("func (g *Graveler) retryBranchUpdate(") :]
+
+
+def test_the_cluster_suite_figures() -> None:
+    from test_cluster_merges import TASKS
+
+    assert f"run {TASKS} workspace tasks" in SECTION
+    assert f"gains exactly {TASKS}\ncommits" in SECTION

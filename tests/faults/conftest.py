@@ -28,7 +28,13 @@ from perago_testing import keys_at, one_task_workflow, seed, suffix, workspace
 from perago_worker import fences
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.demo import register_app, wait_for_workflow
-from perago_worker.devstack.servers import CONDUCTOR_PERSISTENCES, Endpoints, Stack, running_stack
+from perago_worker.devstack.servers import (
+    CONDUCTOR_PERSISTENCES,
+    Endpoints,
+    Stack,
+    endpoints_from_env,
+    running_stack,
+)
 from perago_worker.devstack.worker_process import WorkerProcess, start_worker
 from perago_worker.execution import LEDGER_BRANCH, LEDGER_PREFIX
 from perago_worker.gc import collect
@@ -45,8 +51,14 @@ if PERSISTENCE == "postgres":
 
     @pytest.fixture(scope="session")
     def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
-        """The postgres stack, in place of the session's (tests/conftest.py)."""
+        """The postgres stack, in place of the session's (tests/conftest.py); a running one
+        when the exports of `devstack up --conductor postgres` are set (the restart tests
+        then skip, as on any external stack)."""
         global _CLUSTER
+        external = endpoints_from_env(os.environ)
+        if external is not None and external.conductor_persistence == "postgres":
+            yield external
+            return
         with running_stack(tmp_path_factory.mktemp("fault-cluster"), conductor="postgres") as st:
             _CLUSTER = st
             try:
@@ -56,7 +68,8 @@ if PERSISTENCE == "postgres":
 
     @pytest.fixture(scope="session")
     def stack(endpoints: Endpoints) -> Stack:
-        assert _CLUSTER is not None
+        if _CLUSTER is None:
+            pytest.skip("the cluster is external (PERAGO_TEST_*_URLS); cannot restart it")
         return _CLUSTER
 
     @pytest.hookimpl(hookwrapper=True)
@@ -131,8 +144,12 @@ class Harness:
                 "PERAGO_ALLOWED_REPOSITORIES": json.dumps([self.repo]),
                 **env,
             },
+            wait=False,
         )
+        # Tracked before it is ready: a worker whose readiness wait fails (a slow preflight on a
+        # busy machine) is still killed at teardown, instead of polling the next tests' tasks.
         self.workers.append(proc)
+        proc.wait_ready()
         return proc
 
     def start(

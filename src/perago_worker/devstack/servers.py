@@ -48,6 +48,8 @@ CLUSTER_SIZE = 2
 # lakeFS opens up to 25 database connections by default; two of them and two Conductors
 # stay well under `postgres.MAX_CONNECTIONS` with 10 each.
 LAKEFS_DB_CONNECTIONS = 10
+# How long one Conductor may take to answer after its JVM starts (see start_stack).
+CONDUCTOR_READY_SECONDS = 480.0
 
 
 def free_port() -> int:
@@ -645,9 +647,12 @@ def start_stack(
             step("lakeFS setup", lambda: lakefs_setup(lakefs_servers[0]))
         for server in lakefs_servers:
             server.start()
-        # The JVMs start together and share the machine's cores: each gets the time one
-        # would have alone (240 s already allows a busy 2-core machine).
-        waits = [(s, 60.0) for s in lakefs_servers] + [(s, 240.0 * count) for s in conductors]
+        # A wait, not a sleep: an idle machine starts Conductor in about 30 s, but a 2-core
+        # machine shared with other stacks took over 240 s (measured, load ~25). The JVMs
+        # start together and share the cores: each gets the time one would have alone.
+        waits = [(s, 60.0) for s in lakefs_servers] + [
+            (s, CONDUCTOR_READY_SECONDS * count) for s in conductors
+        ]
         with ThreadPoolExecutor(len(waits)) as pool:
             futures = [
                 pool.submit(step, _label(f"{s.name} ready"), partial(s.wait_ready, t))
