@@ -110,6 +110,10 @@ class _Oracle:
         self._conductor = conductor
         self._retry_seconds = retry_seconds
         self._identity: str | None = None  # None: not probed yet; "": it is Conductor
+        # One answer per workflow per round: its intents and its ledger entries ask about
+        # the same workflow (measured, docs/benchmarks.md "Intent branches at scale": the
+        # Conductor read is three quarters of a round). A doubt is not kept: asked again.
+        self._workflows: dict[str, _Answer] = {}
 
     def _not_conductor(self) -> str:
         """Empty when the server proved it is Conductor, else why it did not (probed once)."""
@@ -147,12 +151,17 @@ class _Oracle:
     def workflow(self, workflow_id: str) -> _Answer:
         if fences.is_manual(workflow_id):
             return MANUAL_ANSWER
+        known = self._workflows.get(workflow_id)
+        if known is not None:
+            return known
         workflow, answer = self._ask(
             self._conductor.workflows.get_execution_status, workflow_id, include_tasks=False
         )
-        if answer is not None:
-            return answer
-        return self._classify(workflow, TERMINAL_WORKFLOW, "workflow")
+        if answer is None:
+            answer = self._classify(workflow, TERMINAL_WORKFLOW, "workflow")
+        if answer.state is not _State.UNVERIFIABLE:
+            self._workflows[workflow_id] = answer
+        return answer
 
     @staticmethod
     def _classify(found: Any, terminal: frozenset[str], what: str) -> _Answer:

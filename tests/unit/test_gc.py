@@ -543,3 +543,49 @@ def test_ledger_entries_of_a_live_or_unverifiable_workflow_are_kept(answer: Answ
     lakefs, report = _ledger_gc(answer)
     assert len(lakefs.ledger) == 1
     assert report.ledger_entries == []
+
+
+# -- one answer per workflow per round; manual executions ---------------------------------------
+
+
+def test_a_workflows_intents_and_ledger_entries_cost_one_conductor_read(tmp_path: Path) -> None:
+    lakefs = FakeLakeFS()
+    for i in range(3):
+        lakefs.add_intent(intent_name(i), {"perago.workflow_id": "wf1"})
+    lakefs.add_ledger("wf1", "task1")
+    conductor = FakeConductor(workflows_by_id={"wf1": "COMPLETED"})
+    report = run(lakefs, conductor, tmp_path)
+    assert len(report.intent_branches) == 3 and len(report.ledger_entries) == 1
+    assert conductor.asked.count("workflow wf1") == 1
+
+
+def test_a_doubt_about_a_workflow_is_asked_again_not_remembered(tmp_path: Path) -> None:
+    lakefs = FakeLakeFS()
+    for i in range(2):
+        lakefs.add_intent(intent_name(i), {"perago.workflow_id": "wf1"})
+    conductor = FakeConductor(workflows_by_id={"wf1": DOUBTS["5xx"]})
+    report = run(lakefs, conductor, tmp_path)
+    assert len(report.unverifiable) == 2 and conductor.asked.count("workflow wf1") == 2
+
+
+def test_a_manual_executions_leftovers_go_as_a_finished_workflows_without_asking(
+    tmp_path: Path,
+) -> None:
+    manual = fences.manual_execution_id(OLD)
+    lakefs = FakeLakeFS()
+    lakefs.add_intent(intent_name(), {"perago.workflow_id": manual})
+    staging = lakefs.add_staging(manual)
+    lakefs.add_ledger(manual, manual)
+    conductor = FakeConductor()
+    report = run(lakefs, conductor, tmp_path)
+    assert report.intent_branches == [item(intent_name())]
+    assert report.staging_branches == [item(staging)] and len(report.ledger_entries) == 1
+    assert [a for a in conductor.asked if manual in a] == []
+
+
+def test_a_young_manual_intent_is_kept_like_a_finished_workflows(tmp_path: Path) -> None:
+    manual = fences.manual_execution_id(time.time())
+    lakefs = FakeLakeFS()
+    lakefs.add_intent(intent_name(), {"perago.workflow_id": manual}, created=time.time())
+    report = run(lakefs, FakeConductor(), tmp_path)
+    assert report.intent_branches == [] and intent_name() in lakefs.branches
