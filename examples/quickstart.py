@@ -1,3 +1,4 @@
+# quickstart.py
 """The quick start's handlers: ingest raw sales, clean them on a prefix, summarize the total.
 
     export PYTHONPATH=examples        # from the repository's root, or your own package
