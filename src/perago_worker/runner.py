@@ -783,7 +783,14 @@ class Runner:
                 beat.stamp(self.lease_period)
                 entry.next_lease = time.monotonic() + entry.interval
                 try:
-                    self.deps.conductor.extend_lease(entry.task)
+                    # Under the entry's lock, so that the report (which marks the entry under
+                    # it) waits for an extension in flight: an IN_PROGRESS update that reached
+                    # Conductor after the final report could reopen a finished task. Only one
+                    # of the two is sent at a time, and no extension after the report.
+                    with entry.lock:
+                        if entry.reported:
+                            continue
+                        self.deps.conductor.extend_lease(entry.task)
                     metrics.LEASE_EXTENSIONS.labels(task_type=entry.spec.name, result="ok").inc()
                     # A worker whose every slot is busy does not poll; a lease that reaches
                     # Conductor is as good a sign of life.
