@@ -64,7 +64,7 @@ def test_a_task_scheduled_through_one_conductor_is_polled_through_the_other(
     assert (state.status, state.worker_id, state.poll_count) == ("IN_PROGRESS", worker_b, 1)
     # The message left the shared queue: A has nothing more to hand out for it.
     assert a.batch_poll(task_type, "cluster-a#none", None, 1, 1000) == []
-    assert a.queue_sizes([task_type]) == {task_type: 0}
+    assert a.queue_sizes([task_type], None) == {task_type: 0}
 
     b.update(
         TaskResult(
