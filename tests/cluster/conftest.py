@@ -1,9 +1,12 @@
 """The cluster suite: PostgreSQL under two Conductors and two lakeFS servers (`conductor=
 "postgres"` in `perago_worker.devstack.servers`), started once per session.
 
-It overrides the session's `endpoints` and `stack` for the tests in this folder, so the
-root conftest's `lakefs`, `conductor` and `repo` fixtures talk to the cluster's first
-instance; `endpoints.conductor_urls` / `endpoints.lakefs_urls` name both. A running cluster
+It overrides the session's `endpoints` and `stack` for the tests in this folder, and with
+them the session-scoped clients `lakefs` and `conductor`: the root conftest's are cached
+for the whole session, so if a test here made them they would point every later folder's
+tests at the cluster while their workers use the session's stack. The root's `repo` then
+talks to the cluster's first instance; `endpoints.conductor_urls` / `endpoints.lakefs_urls`
+name both. A running cluster
 is reused when the `PERAGO_TEST_*` exports of `python -m perago_worker.devstack up
 --conductor postgres` are set; any other exported stack is left to the rest of the session.
 """
@@ -15,8 +18,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from perago_worker.conductor import Conductor
 from perago_worker.devstack import tools
 from perago_worker.devstack.servers import Endpoints, Stack, endpoints_from_env, start_stack
+from perago_worker.lakefs import LakeFS
 
 _CLUSTER: Stack | None = None
 
@@ -57,6 +62,19 @@ def cluster_endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endp
 @pytest.fixture(scope="session")
 def endpoints(cluster_endpoints: Endpoints) -> Endpoints:
     return cluster_endpoints
+
+
+@pytest.fixture(scope="session")
+def lakefs(cluster_endpoints: Endpoints) -> Iterator[LakeFS]:
+    e = cluster_endpoints
+    client = LakeFS(e.lakefs_url, e.lakefs_access_key_id, e.lakefs_secret_access_key)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def conductor(cluster_endpoints: Endpoints) -> Conductor:
+    return Conductor(cluster_endpoints.conductor_url)
 
 
 @pytest.fixture(scope="session")

@@ -72,6 +72,19 @@ if PERSISTENCE == "postgres":
             pytest.skip("the cluster is external (PERAGO_TEST_*_URLS); cannot restart it")
         return _CLUSTER
 
+    # The session-scoped clients follow this folder's `endpoints` (the root conftest's are
+    # cached for the session: made here, they would point later folders at the cluster).
+    @pytest.fixture(scope="session")
+    def lakefs(endpoints: Endpoints) -> Iterator[LakeFS]:
+        e = endpoints
+        client = LakeFS(e.lakefs_url, e.lakefs_access_key_id, e.lakefs_secret_access_key)
+        yield client
+        client.close()
+
+    @pytest.fixture(scope="session")
+    def conductor(endpoints: Endpoints) -> Conductor:
+        return Conductor(endpoints.conductor_url)
+
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
         outcome = yield
