@@ -175,7 +175,10 @@ def test_check_against_closed_ports_answers_in_seconds_naming_each_cause(
     )
     elapsed = time.monotonic() - started
     assert result.returncode == 1, result.stdout + result.stderr
-    assert elapsed < 5, f"check took {elapsed:.1f} s"
+    # The bound proves the preflight's own retry budget (PREFLIGHT_RETRY_SECONDS, both servers
+    # probed at once), not the 30-60 s the worker's clients would retry; the rest of it is the
+    # CLI's start-up, a few seconds on a busy 2-core machine (5.1 s seen in a full CI run).
+    assert elapsed < 15, f"check took {elapsed:.1f} s"
     lines = result.stdout.splitlines()
 
     def line_of(check: str) -> str:
