@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from perago_testing import new_repository
+from perago_testing import lakefs_client, new_repository
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.servers import (
     BLOCKSTORES,
@@ -65,11 +65,7 @@ def stack(endpoints: Endpoints) -> Stack:
 
 @pytest.fixture(scope="session")
 def lakefs(endpoints: Endpoints) -> Iterator[LakeFS]:
-    client = LakeFS(
-        endpoints.lakefs_url, endpoints.lakefs_access_key_id, endpoints.lakefs_secret_access_key
-    )
-    yield client
-    client.close()
+    yield from lakefs_client(endpoints)
 
 
 @pytest.fixture(scope="session", params=["api", "presign"])

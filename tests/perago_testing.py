@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,3 +165,12 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def lakefs_client(endpoints: Endpoints) -> Iterator[LakeFS]:
+    """The body of every session `lakefs` fixture: a client of the stack, closed after."""
+    client = LakeFS(
+        endpoints.lakefs_url, endpoints.lakefs_access_key_id, endpoints.lakefs_secret_access_key
+    )
+    yield client
+    client.close()

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from perago_testing import lakefs_client
 from perago_worker.conductor import Conductor
 from perago_worker.devstack import tools
 from perago_worker.devstack.servers import Endpoints, Stack, endpoints_from_env, start_stack
@@ -66,10 +67,7 @@ def endpoints(cluster_endpoints: Endpoints) -> Endpoints:
 
 @pytest.fixture(scope="session")
 def lakefs(cluster_endpoints: Endpoints) -> Iterator[LakeFS]:
-    e = cluster_endpoints
-    client = LakeFS(e.lakefs_url, e.lakefs_access_key_id, e.lakefs_secret_access_key)
-    yield client
-    client.close()
+    yield from lakefs_client(cluster_endpoints)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from perago_testing import keys_at, one_task_workflow, seed, suffix, workspace
+from perago_testing import keys_at, lakefs_client, one_task_workflow, seed, suffix, workspace
 from perago_worker import fences
 from perago_worker.conductor import Conductor
 from perago_worker.devstack.demo import register_app, wait_for_workflow
@@ -76,10 +76,7 @@ if PERSISTENCE == "postgres":
     # cached for the session: made here, they would point later folders at the cluster).
     @pytest.fixture(scope="session")
     def lakefs(endpoints: Endpoints) -> Iterator[LakeFS]:
-        e = endpoints
-        client = LakeFS(e.lakefs_url, e.lakefs_access_key_id, e.lakefs_secret_access_key)
-        yield client
-        client.close()
+        yield from lakefs_client(endpoints)
 
     @pytest.fixture(scope="session")
     def conductor(endpoints: Endpoints) -> Conductor:

@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from perago_worker.devstack import tools
+
 SUPERUSER = "perago"
 DATABASES = ("conductor", "lakefs")
 DEFAULT_OS_USER = "nobody"
@@ -300,8 +302,4 @@ class PostgresServer:
                 (self.workdir / self.name).unlink()
 
     def tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return tools.log_tail(self.log_path, lines)

@@ -140,11 +140,7 @@ class ServerProcess:
         return self.wait_ready(timeout)
 
     def tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return tools.log_tail(self.log_path, lines)
 
 
 @dataclass(frozen=True)

