@@ -1061,10 +1061,17 @@ def locked_conductors() -> Iterator[None]:
         servers.conductor_server = original
 
 
-def start_soak_stack(workdir: Path) -> Stack:
-    """An S3-backed stack as the soak needs it: patient, and Conductor with its lock."""
-    with patient_servers(), locked_conductors():
-        return start_stack(workdir, blockstore="s3")
+def start_soak_stack(workdir: Path, conductor: str = "sqlite") -> Stack:
+    """An S3-backed stack as the soak needs it: patient, and Conductor with its lock.
+
+    On `postgres` (two Conductors and two lakeFS on one PostgreSQL) the devstack already
+    configures Conductor's Postgres lock, shared by both servers; the in-process lock would
+    replace it with one per server, which does not exclude the other server's decide."""
+    with patient_servers():
+        if conductor == "postgres":
+            return start_stack(workdir, blockstore="s3", conductor="postgres")
+        with locked_conductors():
+            return start_stack(workdir, blockstore="s3")
 
 
 @contextlib.contextmanager
@@ -1075,7 +1082,7 @@ def stack_for(args: argparse.Namespace) -> Iterator[tuple[Endpoints, Stack | Non
             raise SystemExit("--stack-from-env: PERAGO_TEST_LAKEFS_URL / _CONDUCTOR_URL unset")
         yield endpoints, None
         return
-    stack = start_soak_stack(Path(args.start_stack) / "stack")
+    stack = start_soak_stack(Path(args.start_stack) / "stack", args.conductor)
     try:
         yield stack.endpoints, stack
     finally:
@@ -1089,6 +1096,13 @@ def main(argv: list[str] | None = None) -> int:
         "--stack-from-env", action="store_true", help="a running stack (PERAGO_TEST_*)"
     )
     where.add_argument("--start-stack", metavar="DIR", help="start an S3-backed stack in DIR")
+    parser.add_argument(
+        "--conductor",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="--start-stack's Conductor persistence: one server on SQLite, or two Conductors "
+        "and two lakeFS on PostgreSQL (workers split across them; one of each is restarted)",
+    )
     parser.add_argument("--tasks", type=int, default=1000, help="logical tasks to start (at least)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--duration-limit", type=float, default=1800, help="start phase bound (s)")
