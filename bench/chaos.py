@@ -283,7 +283,11 @@ def correlated(conductor_url: str, name: str, correlation_id: str) -> list[str]:
 
 
 def start_once(
-    conductor_url: str, name: str, correlation_id: str, body: dict[str, Any], until: float
+    conductor_urls: Sequence[str],
+    name: str,
+    correlation_id: str,
+    body: dict[str, Any],
+    until: float,
 ) -> str:
     """Start a workflow exactly once, through Conductor restarts.
 
@@ -291,9 +295,13 @@ def start_once(
     retry would then start a second one whose merges nobody expects. So every try carries
     the correlation id, and after a failed try the correlated workflows are looked up before
     the next one: one found is the workflow. (The lookup costs Conductor about a second on
-    SQLite, so the first try goes without it.)"""
+    SQLite, so the first try goes without it.) Each try goes to the next of `conductor_urls`:
+    on a cluster, one Conductor's restart does not stop the starts."""
     last: Exception | None = None
+    tries = 0
     while time.monotonic() < until:
+        conductor_url = conductor_urls[tries % len(conductor_urls)]
+        tries += 1
         try:
             if last is not None:  # an earlier try may have started it
                 found = correlated(conductor_url, name, correlation_id)
@@ -817,7 +825,9 @@ def run_soak(
     lakefs = LakeFS(
         endpoints.lakefs_url, endpoints.lakefs_access_key_id, endpoints.lakefs_secret_access_key
     )
-    conductor = Conductor(endpoints.conductor_url)
+    # The last Conductor: the restarts take the first (`restart_actions`), so on a cluster
+    # the sweeper and the status polls keep a server that answers throughout.
+    conductor = Conductor(endpoints.conductor_urls[-1])
     repo = f"chaos-{run_tag}"
     lakefs.create_repository(repo)
     base = seed_base(lakefs, repo, workdir)
@@ -895,7 +905,7 @@ def run_soak(
                 }
             try:
                 workflow_id = start_once(
-                    endpoints.conductor_url, name, p.correlation_id, body, deadline + 300
+                    endpoints.conductor_urls, name, p.correlation_id, body, deadline + 300
                 )
             except RuntimeError as exc:
                 with lock:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -101,19 +102,24 @@ def now_utc() -> str:
 # -- pure figures -----------------------------------------------------------------------------
 
 
-def middle_rate(times: Sequence[float], trim: float = 0.1) -> float:
-    """Events per second between the `trim` and `1 - trim` quantiles of `times`.
+def middle_window(times: Sequence[float], trim: float = 0.1) -> tuple[float, float, int]:
+    """(start, end, events from start to end) between the `trim` and `1 - trim` quantiles.
 
     The first and last tenth of a drain are its ramp (workers starting one after the other,
-    slots emptying at the end); the middle is the steady rate. Too few events, or all at
-    one instant, give 0.0 (no rate can be told) rather than a division by zero."""
+    slots emptying at the end); the middle is the steady state."""
     ordered = sorted(times)
     if len(ordered) < 3:
-        return 0.0
+        return 0.0, 0.0, 0
     lo = math.floor(trim * (len(ordered) - 1))
     hi = math.ceil((1 - trim) * (len(ordered) - 1))
-    span = ordered[hi] - ordered[lo]
-    return (hi - lo) / span if span > 0 else 0.0
+    return ordered[lo], ordered[hi], hi - lo
+
+
+def middle_rate(times: Sequence[float], trim: float = 0.1) -> float:
+    """Events per second over `middle_window`. Too few events, or all at one instant, give
+    0.0 (no rate can be told) rather than a division by zero."""
+    start, end, events = middle_window(times, trim)
+    return events / (end - start) if end > start else 0.0
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -126,11 +132,14 @@ def quantile(values: Sequence[float], q: float) -> float:
     return float(cuts[max(0, min(98, round(q * 100) - 1))])
 
 
-def limit_of(merges_per_second: float, ceiling: float, share: float = 0.8) -> str:
-    """What bounds a point: the branch when its merge rate reaches `share` of the ceiling."""
+def limit_of(merges_per_second: float, ceiling: float, busy: float, share: float = 0.8) -> str:
+    """What bounds a point: the branch when its merge rate reaches `share` of the ceiling;
+    else the CPU when the machine was busy `share` of the steady window or more."""
     if ceiling > 0 and merges_per_second >= share * ceiling:
         return "branch merge rate"
-    return "CPU (shared)"
+    if busy >= share:
+        return f"CPU ({busy:.0%} busy)"
+    return f"neither ({busy:.0%} busy): the slots wait on round trips"
 
 
 # -- CPU by process class ---------------------------------------------------------------------
@@ -155,8 +164,67 @@ def cpu_by_class() -> dict[str, float]:
     return totals
 
 
-def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: round(after.get(k, 0.0) - before.get(k, 0.0), 2) for k in sorted(after)}
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat's first line."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float  # time.time(), comparable with Conductor's task times
+    cpu: dict[str, float]
+    busy: int
+    total: int
+
+
+class CpuSampler:
+    """`cpu_by_class` and the machine's jiffies every `every` seconds, on a thread: the CPU
+    of the steady window alone (worker start-up, about a second of imports per process, and
+    the drain's tail left out) is read afterwards with `window_cpu`."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self.samples: list[Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        while True:
+            self.samples.append(Sample(time.time(), cpu_by_class(), *machine_jiffies()))
+            if self._stop.wait(self.every):
+                return
+
+
+def sampler_span(samples: Sequence[Sample], start: float, end: float, at: float) -> bool:
+    """Whether `at` falls between the samples `window_cpu` reads for (`start`, `end`)."""
+    inside = [s.at for s in samples if start <= s.at <= end]
+    return len(inside) >= 2 and inside[0] < at <= inside[-1]
+
+
+def window_cpu(
+    samples: Sequence[Sample], start: float, end: float
+) -> tuple[dict[str, float], float, float]:
+    """CPU seconds by class between the first sample at or after `start` and the last at or
+    before `end`, the share of the machine's cores busy meanwhile, and the seconds spanned
+    (all zero when no two samples fall inside)."""
+    inside = [s for s in samples if start <= s.at <= end]
+    if len(inside) < 2:
+        return {}, 0.0, 0.0
+    first, last = inside[0], inside[-1]
+    cpu = {k: round(last.cpu.get(k, 0.0) - first.cpu.get(k, 0.0), 3) for k in sorted(last.cpu)}
+    total = last.total - first.total
+    busy = (last.busy - first.busy) / total if total > 0 else 0.0
+    return cpu, round(busy, 3), round(last.at - first.at, 2)
 
 
 # -- one point --------------------------------------------------------------------------------
@@ -175,8 +243,13 @@ class Point:
     p95_ms: float = 0.0
     merge_retries: int = 0
     lakefs_retries: int = 0
-    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    # The steady window (middle 80 % of completions): CPU ms per completed task by process
+    # class, the machine's busy share, and the rate its cores would allow at that CPU cost.
+    cpu_ms_per_task: dict[str, float] = field(default_factory=dict)
+    machine_busy: float = 0.0
+    cpu_bound_tasks_per_second: float = 0.0
     limit: str = ""
+    repeat: int = 0
     problems: list[str] = field(default_factory=list)
 
 
@@ -351,15 +424,16 @@ def run_point(
     concurrency: int,
     suffix: str,
     ceiling: float,
+    repeat: int = 0,
     log: Callable[[str], None] = print,
 ) -> Point:
-    point = Point(processes, concurrency, tasks)
+    point = Point(processes, concurrency, tasks, repeat=repeat)
     lakefs = LakeFS(
         endpoints.lakefs_url, endpoints.lakefs_access_key_id, endpoints.lakefs_secret_access_key
     )
     folder = workdir / f"p{processes}"
     folder.mkdir(parents=True, exist_ok=True)
-    point.repository = f"scale-{suffix.replace('_', '-')}-p{processes}"
+    point.repository = f"scale-{suffix.replace('_', '-')}-r{repeat}p{processes}"
     base = seed(lakefs, point.repository, folder)
     ids = start_backlog(endpoints.conductor_urls, f"scale_{suffix}", point.repository, base, tasks)
     log(f"[scale] p{processes}: {len(ids)} workflows queued; starting {processes} workers")
@@ -375,11 +449,12 @@ def run_point(
         for i in range(processes)
     ]
     try:
-        cpu_before = cpu_by_class()
-        for worker in workers:
-            worker.wait_ready(600)
-        runs = wait_all(endpoints.conductor_url, ids, POINT_LIMIT_SECONDS, processes * concurrency)
-        point.cpu_seconds = cpu_delta(cpu_before, cpu_by_class())
+        with CpuSampler() as sampler:
+            for worker in workers:
+                worker.wait_ready(600)
+            runs = wait_all(
+                endpoints.conductor_url, ids, POINT_LIMIT_SECONDS, processes * concurrency
+            )
         point.lakefs_retries = sum(scrape_retries(w) for w in workers)
     finally:
         for worker in workers:
@@ -397,7 +472,14 @@ def run_point(
     latencies = [t["endTime"] - t["startTime"] for t in tasks_done]
     point.p50_ms = round(quantile(latencies, 0.5))
     point.p95_ms = round(quantile(latencies, 0.95))
-    point.limit = limit_of(point.merges_per_second, ceiling)
+    start, end, _ = middle_window(ends)
+    cpu, point.machine_busy, seconds = window_cpu(sampler.samples, start, end)
+    done = sum(1 for t in ends if sampler_span(sampler.samples, start, end, t))
+    if done and seconds > 0:
+        point.cpu_ms_per_task = {k: round(v * 1000 / done, 1) for k, v in cpu.items()}
+        per_task = sum(cpu.values()) / done
+        point.cpu_bound_tasks_per_second = round((os.cpu_count() or 1) / per_task, 2)
+    point.limit = limit_of(point.merges_per_second, ceiling, point.machine_busy)
     lakefs.close()
     log(f"[scale] {json.dumps(asdict(point))}")
     return point
@@ -504,10 +586,49 @@ class ScaleReport:
 
     @property
     def problems(self) -> list[str]:
-        return [f"p{p.processes}: {x}" for p in self.points for x in p.problems]
+        return [f"p{p.processes}r{p.repeat}: {x}" for p in self.points for x in p.problems]
+
+    def medians(self) -> list[Point]:
+        """One point per process count: the median of its repeats (retries summed)."""
+        return [median_point(ps) for _, ps in sorted(by_processes(self.points).items())]
 
     def as_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+def by_processes(points: Sequence[Point]) -> dict[int, list[Point]]:
+    groups: dict[int, list[Point]] = {}
+    for point in points:
+        groups.setdefault(point.processes, []).append(point)
+    return groups
+
+
+def median_point(points: Sequence[Point]) -> Point:
+    """The repeats of one process count as one point: medians of the figures, sums of the
+    retries and problems, the limit of the median run (by tasks/s)."""
+    mid = sorted(points, key=lambda p: p.tasks_per_second)[(len(points) - 1) // 2]
+
+    def med(get: Callable[[Point], float]) -> float:
+        return round(statistics.median(get(p) for p in points), 2)
+
+    classes = sorted({k for p in points for k in p.cpu_ms_per_task})
+    return dataclasses.replace(
+        mid,
+        drain_seconds=med(lambda p: p.drain_seconds),
+        tasks_per_second=med(lambda p: p.tasks_per_second),
+        merges_per_second=med(lambda p: p.merges_per_second),
+        p50_ms=med(lambda p: p.p50_ms),
+        p95_ms=med(lambda p: p.p95_ms),
+        merge_retries=sum(p.merge_retries for p in points),
+        lakefs_retries=sum(p.lakefs_retries for p in points),
+        cpu_ms_per_task={
+            k: round(statistics.median(p.cpu_ms_per_task.get(k, 0.0) for p in points), 1)
+            for k in classes
+        },
+        machine_busy=med(lambda p: p.machine_busy),
+        cpu_bound_tasks_per_second=med(lambda p: p.cpu_bound_tasks_per_second),
+        problems=[x for p in points for x in p.problems],
+    )
 
 
 def report_from_json(text: str) -> ScaleReport:
@@ -519,19 +640,26 @@ def report_from_json(text: str) -> ScaleReport:
 
 
 def markdown(report: ScaleReport) -> str:
-    """The table docs/benchmarks.md shows (points, then the ceiling)."""
-    classes = sorted({k for p in report.points for k in p.cpu_seconds})
-    head = (
-        "| processes x slots | tasks | drain s | tasks/s | merges/s | p50 ms | p95 ms "
-        "| merge retries | lakeFS retries | CPU s per task (" + ", ".join(classes) + ") | limit |"
-    )
-    lines = [head, "|" + "---|" * 11]
-    for p in report.points:
-        per_task = " / ".join(f"{p.cpu_seconds.get(k, 0.0) / p.tasks:.3f}" for k in classes)
+    """The tables docs/benchmarks.md shows: the medians per process count (every repeat's
+    tasks/s beside them), then the branch's ceiling."""
+    groups = by_processes(report.points)
+    medians = report.medians()
+    classes = sorted({k for p in medians for k in p.cpu_ms_per_task})
+    lines = [
+        "| processes x slots | tasks/s (each repeat) | merges/s | p50 ms | p95 ms "
+        "| merge retries | lakeFS retries | machine busy | CPU ms per task ("
+        + ", ".join(classes)
+        + ") | CPU bound, tasks/s | limit |",
+        "|" + "---|" * 11,
+    ]
+    for p in medians:
+        runs = ", ".join(f"{r.tasks_per_second}" for r in groups[p.processes])
+        per_task = " / ".join(f"{p.cpu_ms_per_task.get(k, 0.0):.1f}" for k in classes)
         lines.append(
-            f"| {p.processes} x {p.concurrency} | {p.tasks} | {p.drain_seconds} "
-            f"| {p.tasks_per_second} | {p.merges_per_second} | {p.p50_ms:.0f} | {p.p95_ms:.0f} "
-            f"| {p.merge_retries} | {p.lakefs_retries} | {per_task} | {p.limit} |"
+            f"| {p.processes} x {p.concurrency} | {p.tasks_per_second} ({runs}) "
+            f"| {p.merges_per_second} | {p.p50_ms:.0f} | {p.p95_ms:.0f} | {p.merge_retries} "
+            f"| {p.lakefs_retries} | {p.machine_busy:.0%} | {per_task} "
+            f"| {p.cpu_bound_tasks_per_second} | {p.limit} |"
         )
     lines += ["", "| merge ceiling: threads | merges | merges/s | retried 429/timeouts |"]
     lines.append("|---|---|---|---|")
@@ -547,18 +675,26 @@ def chart(report: ScaleReport, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [p.processes for p in report.points]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    points = report.medians()
+    xs = [p.processes for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
     panels = (
-        (left, "Throughput into one branch", "per second",
-         (("tasks/s", "o-", [p.tasks_per_second for p in report.points]),
-          ("merges/s", "s--", [p.merges_per_second for p in report.points]))),
-        (right, "Task latency", "ms in the worker (poll to completion)",
-         (("p50", "o-", [p.p50_ms for p in report.points]),
-          ("p95", "s--", [p.p95_ms for p in report.points]))),
+        (left, "Throughput into one branch (median)", "per second",
+         (("tasks/s", "o-", [p.tasks_per_second for p in points]),
+          ("merges/s", "s--", [p.merges_per_second for p in points]),
+          ("CPU bound: cores / CPU per task", "^:", [p.cpu_bound_tasks_per_second for p in points]))),
+        (right, "Task latency (median)", "ms in the worker (poll to completion)",
+         (("p50", "o-", [p.p50_ms for p in points]),
+          ("p95", "s--", [p.p95_ms for p in points]))),
     )  # fmt: skip
-    if report.ceiling:
-        left.axhline(report.best_ceiling, color="grey", linestyle=":", label="branch merge ceiling")
+    for c, style in zip(report.ceiling, ("-", "--", "-.", ":"), strict=False):
+        left.axhline(
+            c.merges_per_second,
+            color="grey",
+            linestyle=style,
+            linewidth=0.8,
+            label=f"branch merge ceiling, {c.threads} thread{'s' if c.threads > 1 else ''}",
+        )
     for axes, title, ylabel, series in panels:
         for label, style, ys in series:
             axes.plot(xs, ys, style, label=label)
@@ -568,7 +704,7 @@ def chart(report: ScaleReport, path: Path) -> None:
         axes.set_xscale("log", base=2)
         axes.set_xticks(xs, [str(x) for x in xs])
         axes.set_ylim(bottom=0)
-        axes.legend()
+        axes.legend(fontsize=7, loc="center right")
     fig.suptitle(report.stack, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -597,6 +733,7 @@ def run_scale(
     tasks: int,
     concurrency: int,
     ceiling_merges: int,
+    repeats: int = 1,
     command: str = "",
     log: Callable[[str], None] = print,
 ) -> ScaleReport:
@@ -619,19 +756,22 @@ def run_scale(
             endpoints, workdir, merges=ceiling_merges, threads=CEILING_THREADS, suffix=suffix
         )
         log(f"[scale] ceiling {[asdict(c) for c in report.ceiling]}")
-    for count in processes:
-        report.points.append(
-            run_point(
+    for repeat in range(repeats):
+        # Rotated each repeat, so no process count always runs first (on the coldest caches).
+        shift = repeat % len(processes)
+        for count in [*processes[shift:], *processes[:shift]]:
+            point = run_point(
                 endpoints,
-                workdir,
+                workdir / f"r{repeat}",
                 processes=count,
                 tasks=tasks,
                 concurrency=concurrency,
                 suffix=suffix,
                 ceiling=report.best_ceiling,
+                repeat=repeat,
                 log=log,
             )
-        )
+            report.points.append(point)
     report.finished_utc = now_utc()
     return report
 
@@ -651,7 +791,7 @@ def stack_for(args: argparse.Namespace) -> Iterator[Endpoints]:
         stack.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--stack-from-env", action="store_true", help="a running stack")
@@ -662,12 +802,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", default="1,2,4,8", help="comma-separated points")
     parser.add_argument("--tasks", type=int, default=400, help="one-file tasks per point")
     parser.add_argument("--concurrency", type=int, default=4, help="slots per worker process")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of every point (median)")
     parser.add_argument("--ceiling-merges", type=int, default=200, help="0 skips the ceiling")
     parser.add_argument("--workdir", default=None, help="worker folders (default: DIR or /tmp)")
     parser.add_argument("--report", default=None, help="write the JSON report here")
     parser.add_argument("--markdown", default=None, help="write the Markdown table here")
     parser.add_argument("--chart", default=None, help="write the PNG chart here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: the `finally` blocks stop the workers and the stack.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     command = shlex.join([".venv/bin/python", "bench/scale.py", *(argv or sys.argv[1:])])
@@ -698,6 +843,7 @@ def measure(args: argparse.Namespace, command: str) -> ScaleReport:
             tasks=args.tasks,
             concurrency=args.concurrency,
             ceiling_merges=args.ceiling_merges,
+            repeats=args.repeat,
             command=command,
         )
 

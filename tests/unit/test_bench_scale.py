@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -39,31 +40,72 @@ def test_quantile_interpolates_and_handles_tiny_samples() -> None:
     assert scale.quantile([], 0.5) != scale.quantile([], 0.5)  # NaN: no sample, no figure
 
 
-def test_the_branch_is_the_limit_only_near_its_ceiling() -> None:
-    assert scale.limit_of(9.0, 10.0) == "branch merge rate"
-    assert scale.limit_of(5.0, 10.0) == "CPU (shared)"
-    assert scale.limit_of(5.0, 0.0) == "CPU (shared)"  # no ceiling measured
+def test_the_limit_is_the_branch_near_its_ceiling_else_the_cpu_when_busy() -> None:
+    assert scale.limit_of(9.0, 10.0, busy=0.99) == "branch merge rate"
+    assert scale.limit_of(5.0, 10.0, busy=0.97) == "CPU (97% busy)"
+    assert scale.limit_of(5.0, 0.0, busy=0.97) == "CPU (97% busy)"  # no ceiling measured
+    assert scale.limit_of(5.0, 10.0, busy=0.5).startswith("neither (50% busy)")
+
+
+def test_the_middle_window_spans_the_middle_eighty_percent() -> None:
+    start, end, events = scale.middle_window([float(i) for i in range(11)])
+    assert (start, end, events) == (1.0, 9.0, 8)
+
+
+def sample(at: float, worker: float, busy: int, total: int) -> scale.Sample:
+    return scale.Sample(at, {"worker": worker, "lakeFS": worker / 2}, busy, total)
+
+
+def test_window_cpu_reads_only_the_samples_inside_the_window() -> None:
+    samples = [
+        sample(0.0, 0.0, 0, 0),  # before the window: start-up CPU, left out
+        sample(10.0, 5.0, 100, 200),
+        sample(20.0, 9.0, 280, 400),
+        sample(30.0, 50.0, 900, 1000),  # after the window: the drain's tail, left out
+    ]
+    cpu, busy, seconds = scale.window_cpu(samples, 5.0, 25.0)
+    assert cpu == {"lakeFS": 2.0, "worker": 4.0}
+    assert busy == 0.9  # 180 busy of 200 jiffies
+    assert seconds == 10.0
+    assert scale.sampler_span(samples, 5.0, 25.0, 15.0)
+    assert not scale.sampler_span(samples, 5.0, 25.0, 10.0)  # at the first sample: before it
+    assert scale.window_cpu(samples[:2], 5.0, 25.0) == ({}, 0.0, 0.0)  # one sample: no span
+
+
+def point(n: int, rate: float, repeat: int = 0) -> scale.Point:
+    return scale.Point(
+        n, 4, 400, tasks_per_second=rate, merges_per_second=rate, p50_ms=300 + n,
+        p95_ms=600 + n, cpu_ms_per_task={"lakeFS": 30.0, "worker": 40.0 + n},
+        machine_busy=0.95, cpu_bound_tasks_per_second=20.0, limit="CPU (95% busy)",
+        merge_retries=1, repeat=repeat,
+    )  # fmt: skip
 
 
 def report() -> scale.ScaleReport:
-    points = [
-        scale.Point(n, 4, 400, tasks_per_second=2.0 * n, merges_per_second=2.0 * n,
-                    p50_ms=300 + n, p95_ms=600 + n, cpu_seconds={"lakeFS": 40.0, "worker": 80.0},
-                    limit="CPU (shared)")
-        for n in (1, 2, 4, 8)
-    ]  # fmt: skip
+    points = [point(n, 2.0 * n, r) for r in range(3) for n in (1, 2, 4, 8)]
+    points[0] = dataclasses.replace(points[0], tasks_per_second=9.0, problems=["lost one"])
     return scale.ScaleReport(
         command="bench/scale.py", started_utc="now", stack="test", points=points,
         ceiling=[scale.Ceiling(1, 200, 12.0, 0), scale.Ceiling(32, 200, 20.0, 7)],
     )  # fmt: skip
 
 
-def test_markdown_has_a_row_per_point_and_per_ceiling_thread_count() -> None:
+def test_medians_give_one_point_per_process_count_with_summed_retries() -> None:
+    medians = report().medians()
+    assert [p.processes for p in medians] == [1, 2, 4, 8]
+    assert medians[0].tasks_per_second == 2.0  # median of 9.0, 2.0, 2.0
+    assert medians[0].merge_retries == 3
+    assert medians[0].problems == ["lost one"]  # a repeat's problem is never hidden
+    assert report().problems == ["p1r0: lost one"]
+
+
+def test_markdown_has_a_row_per_process_count_and_per_ceiling_thread_count() -> None:
     text = scale.markdown(report())
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 2 + 4 + 2  # two headers, four points, two ceilings
-    assert "| 8 x 4 | 400 |" in text
-    assert "0.100 / 0.200" in text  # CPU s per task, lakeFS then worker
+    assert len(rows) == 2 + 4 + 2  # two headers, four process counts, two ceilings
+    assert "| 8 x 4 | 16.0 (16.0, 16.0, 16.0) |" in text
+    assert "| 1 x 4 | 2.0 (9.0, 2.0, 2.0) |" in text
+    assert "| 30.0 / 48.0 |" in text  # CPU ms per task, lakeFS then worker
     assert "| 32 | 200 | 20.0 | 7 |" in text
 
 
@@ -82,3 +124,10 @@ def test_chart_is_written_as_a_png(tmp_path: Path) -> None:
 def test_a_written_report_reads_back_to_the_same_table() -> None:
     original = report()
     assert scale.markdown(scale.report_from_json(original.as_json())) == scale.markdown(original)
+
+
+def test_the_defaults_are_the_documented_ones() -> None:
+    args = scale.make_parser().parse_args(["--stack-from-env"])
+    assert (args.processes, args.tasks, args.concurrency) == ("1,2,4,8", 400, 4)
+    assert (args.ceiling_merges, args.repeat) == (200, 1)
+    assert scale.CEILING_THREADS == (1, 8, 32)
