@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from perago_worker import faultpoints, fences, invocation, links, publish
 from perago_worker._version import __version__
+from perago_worker.ahead import Ahead
 from perago_worker.app import TaskSpec
 from perago_worker.cache import ObjectCache
 from perago_worker.changes import ChangeSet, Manifest, Unpublishable, diff, scan
@@ -45,7 +46,7 @@ from perago_worker.contract import (
 from perago_worker.execution import Execution, Superseded, published, resolve
 from perago_worker.fences import Incarnation, LineageError, Target
 from perago_worker.lakefs import Conflict, HookRejected, LakeFS, NotFound
-from perago_worker.materialize import materialize
+from perago_worker.materialize import listing_ahead, materialize
 from perago_worker.observability import metrics, tracing
 from perago_worker.paths import UnsafeKey, distinct_names, relative_to_key
 from perago_worker.settings import Settings
@@ -261,8 +262,12 @@ class Attempt:
                 f"workspace.repository: {ws.repository!r} is not a target root of environment "
                 f"{settings.environment!r} (allowed: {', '.join(settings.allowed_repositories)})",
             )
+        # The two reads overlap: neither depends on the other (their errors are still told
+        # in this order, the commit's first).
+        lakefs = self.deps.lakefs
+        branch = Ahead(lambda: lakefs.branch_head(ws.repository, ws.branch), name="read-branch")
         try:
-            commit = self.deps.lakefs.get_commit(ws.repository, ws.ref)
+            commit = lakefs.get_commit(ws.repository, ws.ref)
         except NotFound as exc:
             what = "repository" if "repository" in exc.message.lower() else "commit"
             raise TaskFailure(
@@ -277,7 +282,7 @@ class Attempt:
                 f"commit {commit.id}); the input must be an immutable full commit id",
             )
         try:
-            self.deps.lakefs.branch_head(ws.repository, ws.branch)
+            branch.result()
         except NotFound:
             raise TaskFailure(
                 FailureKind.UNKNOWN_REF,
@@ -339,6 +344,8 @@ class Attempt:
         provenance = self._provenance(ws)
         message = f"perago: {spec.name} ({ctx.reference_name}) in workflow {ctx.workflow_id}"
 
+        # Asked for now, read by materialize: the listing overlaps the ledger's round trips.
+        listing = listing_ahead(deps.lakefs, ws.repository, ws.ref, prefix)
         with self.phase("fence") as figures:
             execution = self._execution(ws, prefix)
             figures["execution"] = execution.key[:16]
@@ -396,6 +403,7 @@ class Attempt:
                     concurrency=settings.transfer_concurrency,
                     cache=deps.cache,
                     cancelled=lambda: ctx.cancelled,
+                    listing=listing,
                 )
                 figures.update(files=mstats.files, bytes=mstats.bytes, cached=mstats.cached_files)
             metrics.FILES.labels(task_type=spec.name, direction="down").inc(mstats.files)

@@ -25,11 +25,12 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from perago_worker import faultpoints
+from perago_worker.ahead import Ahead
 from perago_worker.cache import ObjectCache
 from perago_worker.changes import FileSignature, Manifest, ManifestEntry
 from perago_worker.contract import FailureKind, TaskFailure
@@ -69,7 +70,12 @@ def materialize(
     cache: ObjectCache | None = None,
     cancelled: Callable[[], bool] = lambda: False,
     small_object_threads: int = SMALL_OBJECT_THREADS,
+    listing: Iterator[list[ObjectInfo]] | None = None,
 ) -> tuple[Manifest, MaterializeStats]:
+    """Download `prefix` at `ref` under `root`; the manifest of what landed.
+
+    `listing` is the prefix's listing when the caller asked for it ahead (`listing_ahead`),
+    else it is read here."""
     started = time.monotonic()
     stats = MaterializeStats()
     manifest: Manifest = {}
@@ -125,7 +131,8 @@ def materialize(
     ensure_workers(1)
     listed = 0
     try:
-        for page in transfers.list_objects(repository, ref, prefix):
+        pages = listing if listing is not None else transfers.list_objects(repository, ref, prefix)
+        for page in pages:
             big = any(obj.size >= SMALL_OBJECT for obj in page)
             listed += len(page)
             # Never more threads than objects: a small prefix (a few files) would otherwise
@@ -156,6 +163,28 @@ def materialize(
     manifest = settle(root, manifest)
     stats.seconds = time.monotonic() - started
     return manifest, stats
+
+
+def listing_ahead(
+    lakefs: LakeFS, repository: str, ref: str, prefix: str
+) -> Iterator[list[ObjectInfo]]:
+    """The listing `materialize` reads, its first page asked for now (`ahead.Ahead`).
+
+    An attempt starts it before resolving its execution (two ledger round trips), so a small
+    prefix's listing is there when materialize begins; later pages are read as they are
+    consumed, as before. A read at an immutable commit: nothing a fence orders. Unused (the
+    attempt adopted an earlier merge), it costs one listing request."""
+    pages = lakefs.transfers.list_objects(repository, ref, prefix)
+    first = Ahead(lambda: next(pages, None), name="list-ahead")
+
+    def iterate() -> Iterator[list[ObjectInfo]]:
+        page = first.result()
+        if page is None:
+            return
+        yield page
+        yield from pages  # continued on the caller's thread, after the first page finished
+
+    return iterate()
 
 
 def fs_clock(folder: Path) -> int:
