@@ -53,6 +53,9 @@ TASK = f"healthnap_{S}"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 HPA = ROOT / "deploy" / "kubernetes" / "hpa.yaml"
 JOB = "perago-worker"
+# The lease of a running task is extended every max(1 s, factor x response timeout): 3 s of
+# the default 300 s, so the queue depth test sees extensions while tasks wait.
+LEASE_FACTOR = "0.01"
 
 
 class Prometheus:
@@ -94,6 +97,7 @@ def worker_env(**extra: str) -> dict[str, str]:
         "PERAGO_TEST_SUFFIX": S,
         "PERAGO_CONCURRENCY": "1",  # one slot: a second task waits in Conductor's queue
         "PERAGO_QUEUE_DEPTH_EVERY_SECONDS": "0.5",
+        "PERAGO_LEASE_FACTOR": LEASE_FACTOR,
         **extra,
     }
 
@@ -241,6 +245,14 @@ def test_the_queue_depth_counts_the_tasks_waiting_in_conductor(
     assert wait_until(lambda: prometheus.value(in_flight) == 1.0, timeout=30)
     waiting = [conductor.start_workflow(name, {"params": {"seconds": 0}}) for _ in range(3)]
     assert wait_until(lambda: prometheus.value(depth) == 3.0, timeout=12), prometheus.query(depth)
+    # A lease extension (IN_PROGRESS with extendLease) does not put the running task back
+    # in Conductor's queue: the gauge still counts only the three waiting (an IN_PROGRESS
+    # update without extendLease would re-queue it, and the depth would read 4).
+    extended = f'sum(perago_lease_extensions_total{{job="{JOB}", task_type="{TASK}", result="ok"}})'
+    assert wait_until(lambda: (prometheus.value(extended) or 0.0) >= 1.0, timeout=12)
+    time.sleep(1.5)  # a gauge read (0.5 s) and a scrape (1 s) after the extension
+    assert prometheus.value(depth) == 3.0, prometheus.query(depth)
+    assert conductor.queue_sizes([TASK], None) == {TASK: 3}
 
     # The autoscaling query, on this Prometheus's labels: the demand is 1 in flight + 3 queued.
     scaler = yaml.safe_load(HPA.read_text())
