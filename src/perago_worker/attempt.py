@@ -45,7 +45,7 @@ from perago_worker.contract import (
 )
 from perago_worker.execution import Execution, Superseded, published, resolve
 from perago_worker.fences import Incarnation, LineageError, Target
-from perago_worker.lakefs import Conflict, HookRejected, LakeFS, NotFound, ObjectInfo
+from perago_worker.lakefs import Conflict, HookRejected, LakeFS, NotFound
 from perago_worker.materialize import listing_ahead, materialize
 from perago_worker.observability import metrics, tracing
 from perago_worker.paths import UnsafeKey, distinct_names, relative_to_key
@@ -59,11 +59,6 @@ class Deps:
     lakefs: LakeFS
     conductor: Conductor
     cache: ObjectCache | None = None
-    # Task types whose last attempt here had changes to publish: their next attempt creates
-    # its staging branch ahead, beside the ledger's round trips, instead of after the
-    # handler (one round trip less in series). A type that changed nothing last time waits, so
-    # no-op tasks never pay for a branch they do not use.
-    writers: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -351,53 +346,6 @@ class Attempt:
 
         # Asked for now, read by materialize: the listing overlaps the ledger's round trips.
         listing = listing_ahead(deps.lakefs, ws.repository, ws.ref, prefix)
-        staging = fences.staging_branch(ctx.task_id, self.uid, time.time())
-        # A private branch at the immutable input commit, the same whenever it is made:
-        # created now, beside the ledger, when this task type wrote last time
-        # (`Deps.writers`); an attempt that ends before it stages deletes it again.
-        staging_ahead = (
-            Ahead(
-                lambda: deps.lakefs.create_branch(ws.repository, staging, ws.ref, hidden=True),
-                name="staging-ahead",
-            )
-            if spec.name in deps.writers
-            else None
-        )
-        try:
-            return self._run_resolved(
-                ws, params, prefix, provenance, message, listing, staging, staging_ahead
-            )
-        finally:
-            if staging_ahead is not None:
-                # The deletion must follow the creation, or a creation still in flight would
-                # leave the branch behind.
-                with contextlib.suppress(Exception):
-                    staging_ahead.result()
-                self._delete_staging(ws, staging)
-
-    def _delete_staging(self, ws: WorkspaceRef, staging: str) -> None:
-        """Delete the attempt's staging branch: in the report's tail when the runner defers
-        cleanups (`defer_cleanup`), else now; a failure is left to gc."""
-        delete = functools.partial(self.deps.lakefs.delete_branch, ws.repository, staging)
-        if self.defer_cleanup:
-            self.cleanups.append(delete)
-        else:
-            with contextlib.suppress(Exception):
-                delete()
-
-    def _run_resolved(
-        self,
-        ws: WorkspaceRef,
-        params: BaseModel,
-        prefix: str,
-        provenance: dict[str, str],
-        message: str,
-        listing: Iterator[list[ObjectInfo]],
-        staging: str,
-        staging_ahead: Ahead[str] | None,
-    ) -> Outcome:
-        """The attempt from its execution on: adopt an earlier merge, or run and publish."""
-        deps, ctx, spec = self.deps, self.ctx, self.spec
         with self.phase("fence") as figures:
             execution = self._execution(ws, prefix)
             figures["execution"] = execution.key[:16]
@@ -436,6 +384,7 @@ class Attempt:
                 "repository": ws.repository,
             },
         )
+        staging = fences.staging_branch(ctx.task_id, self.uid, time.time())
         succeeded = False
         staged_branch_made = False
         manifest: Manifest = {}
@@ -475,10 +424,7 @@ class Attempt:
                 scanned, changes = publishable_changes(spec, manifest, root, settings)
                 self.changes = changes
                 figures["changes"] = changes.summary()
-                if changes.empty:
-                    deps.writers.discard(spec.name)
-                else:
-                    deps.writers.add(spec.name)
+                if not changes.empty:
                     staged_branch_made = True
                     sstats = publish.stage(
                         deps.lakefs,
@@ -491,7 +437,6 @@ class Attempt:
                         scanned=scanned,
                         concurrency=settings.transfer_concurrency,
                         cancelled=lambda: ctx.cancelled,
-                        branch_ahead=staging_ahead,
                     )
                     staged = publish.commit_staged(
                         deps.lakefs,
@@ -538,9 +483,13 @@ class Attempt:
             succeeded = outcome.status == Status.COMPLETED
             return outcome
         finally:
-            # A branch made ahead is deleted by `_run_workspace`, once its creation is done.
-            if staged_branch_made and staging_ahead is None:
-                self._delete_staging(ws, staging)
+            if staged_branch_made:
+                delete = functools.partial(deps.lakefs.delete_branch, ws.repository, staging)
+                if self.defer_cleanup:
+                    self.cleanups.append(delete)
+                else:
+                    with contextlib.suppress(Exception):
+                        delete()
             if deps.cache is not None and manifest:
                 self._feed_cache(manifest, attempt_dir.root)
             attempt_dir.release(remove=succeeded or not settings.keep_failed_workspaces)

@@ -23,7 +23,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from perago_worker import fences
-from perago_worker.ahead import Ahead
 from perago_worker.changes import ChangeSet, FileSignature
 from perago_worker.contract import FailureKind, TaskFailure
 from perago_worker.execution import Execution, published
@@ -53,12 +52,8 @@ def stage(
     scanned: Mapping[PurePosixPath, os.stat_result],
     concurrency: int,
     cancelled: Callable[[], bool] = lambda: False,
-    branch_ahead: Ahead[str] | None = None,
 ) -> StageStats:
     """Upload the change set to a new hidden branch: exactly the files the scan saw.
-
-    `branch_ahead` is that branch's creation when the attempt started it early (at the same
-    input commit); its failure is raised here, as the creation's own would be.
 
     Each file is opened beneath the root's descriptor without following a link
     (`paths.open_beneath`) and must still be what `scanned` recorded (a regular file, same
@@ -68,10 +63,7 @@ def stage(
     """
     started = time.monotonic()
     stats = StageStats()
-    if branch_ahead is not None:
-        branch_ahead.result()
-    else:
-        lakefs.create_branch(repository, branch, input_ref, hidden=True)
+    lakefs.create_branch(repository, branch, input_ref, hidden=True)
     transfers = lakefs.transfers
     failed = threading.Event()
 
