@@ -67,6 +67,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import scale_app  # noqa: E402
+from _tasks import machine_busy  # noqa: E402
 from perago_worker import fences  # noqa: E402
 from perago_worker.conductor import Conductor  # noqa: E402
 from perago_worker.devstack.demo import register_app  # noqa: E402
@@ -164,19 +165,12 @@ def cpu_by_class() -> dict[str, float]:
     return totals
 
 
-def machine_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat's first line."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]
-    return sum(values) - idle, sum(values)
-
-
 @dataclass(frozen=True)
 class Sample:
     at: float  # time.time(), comparable with Conductor's task times
     cpu: dict[str, float]
-    busy: int
-    total: int
+    busy: float
+    total: float
 
 
 class CpuSampler:
@@ -200,7 +194,7 @@ class CpuSampler:
 
     def _loop(self) -> None:
         while True:
-            self.samples.append(Sample(time.time(), cpu_by_class(), *machine_jiffies()))
+            self.samples.append(Sample(time.time(), cpu_by_class(), *machine_busy()))
             if self._stop.wait(self.every):
                 return
 
