@@ -517,8 +517,12 @@ class Attempt:
             raise _Stale(str(exc)) from None
 
     def _fence(self) -> bool:
-        """Cancellation and the attempt fence (a Conductor read-back), in that order."""
-        return not self.ctx.cancelled and self.still_live()
+        """Cancellation, the attempt fence (a Conductor read-back), and cancellation again.
+
+        The read-back can take up to its retry budget; a cancellation that lands meanwhile (a
+        lost lease, the deadline) must stop the merge it precedes, so it is read after the
+        fence's answer too, immediately before the caller sends the request."""
+        return not self.ctx.cancelled and self.still_live() and not self.ctx.cancelled
 
     def _adopted(self, kind: str, ref: str, *, merged: bool, ws: WorkspaceRef) -> None:
         metrics.FENCE_REJECTIONS.labels(task_type=self.spec.name, fence="publish", kind=kind).inc()

@@ -50,8 +50,9 @@ class Execution:
     target: Target
     input_ref: str
     not_before: float  # unix seconds: commits older than this cannot hold its merge
-    # No attempt ever resolved this execution before (no ledger entry led to it): nothing
-    # can have been claimed or merged for it, since both come after an attempt's resolve.
+    # Proven that no attempt resolved this execution before (`fences.starts_execution`):
+    # nothing can have been claimed or merged for it, since both come after an attempt's
+    # resolve. Never for a manual execution, whose ledger entries gc removes on a timer.
     fresh: bool = False
 
     @property
@@ -213,13 +214,13 @@ def resolve(
             )
         own = ledger.entry(workflow_id, slot, incarnation, recorded)
         decided = fences.link_execution(slot, incarnation, own)
-        fresh = fences.starts_execution(incarnation, own)
+        fresh = fences.starts_execution(incarnation, own, own_link=len(links) == 1)
         for link in links[1:]:
             if decided is not None:
                 break
             entry = ledger.entry(workflow_id, slot, link)
             decided = fences.link_execution(slot, link, entry)
-            fresh = fences.starts_execution(link, entry)
+            fresh = fences.starts_execution(link, entry, own_link=False)
         if decided is None:  # unreachable: the chain's last link retries nothing
             raise LineageError(f"no root found for task {incarnation.task_id}")
         key, root = decided
@@ -236,4 +237,7 @@ def resolve(
         )
     started_ms = root.scheduled_time or root.start_time
     not_before = max(0.0, started_ms / 1000 - clock_skew_seconds) if started_ms else 0.0
+    # A manual execution (`exec --publish`) may be re-run with its id after gc removed its
+    # ledger entries (`gc.MANUAL_ANSWER`): its history is always read.
+    fresh = fresh and not fences.is_manual(workflow_id)
     return Execution(key, slot, root, target, input_ref, not_before, fresh=fresh)

@@ -318,15 +318,23 @@ def link_execution(
     return None
 
 
-def starts_execution(link: Incarnation, entry: LedgerEntry | None) -> bool:
-    """Pure: does `link_execution` start a new execution at `link` (rather than continue one)?
+def starts_execution(link: Incarnation, entry: LedgerEntry | None, *, own_link: bool) -> bool:
+    """Pure: is it *proven* that no attempt has resolved the execution `link_execution`
+    decided at `link` (so none can have claimed or merged it)? `Execution.fresh`: only then
+    may the attempt skip the history and intent reads before its first merge.
 
-    True for a link the ledger does not know and for a reset (a rerun) of one it does: no
-    attempt has resolved that execution yet, so nothing can have been claimed or merged for
-    it (both come after an attempt's resolve, which writes the ledger first).
+    * A reset (a rerun) of a scheduling the ledger knows: yes. The new execution starts at
+      this attempt's own resolve, and every attempt resolves before it can claim.
+    * A scheduling the ledger knows, continued (a re-delivery, a retry): no.
+    * A link the ledger does not know: only when it is the attempt's own first scheduling
+      (`own_link`: the chain is the attempt alone, and its retryCount is 0). A retry chain the
+      ledger knows nothing of, or a revived task (retryCount above 0), had earlier attempts;
+      their entries are missing because none of them resolved, or because the entries were
+      removed (by hand; gc keeps a workflow's entries while Conductor still knows it). Their
+      merge may be in the history, so the history is read.
     """
     if entry is None:
-        return True
+        return own_link and not link.retried_task_id and link.retry_count == 0
     continues = same_scheduling(entry.incarnation, link) or (
         link.retry_count > entry.incarnation.retry_count
     )

@@ -7,8 +7,13 @@
 * Intent branches (`perago-intent-<key>`): the publish fence's first memory. Removed only
   when Conductor answers 404 for their workflow (the intent commit's `perago.workflow_id`:
   nothing can retry it any more), or says the workflow is terminal and the intent is older
-  than `intent_older_than` (a terminal workflow can still be rerun or retried by hand).
+  than `intent_older_than` (a terminal workflow can still be rerun or retried by hand; the
+  target's history still holds a merge, so a retry after that finds it there).
   A manual execution's (`exec --publish`) counts as a terminal workflow's.
+* Execution ledger entries: the identity's memory. Removed only when Conductor answers 404
+  for their workflow; a terminal workflow's stay, since a retry by hand still needs them to
+  tell a retry of a rerun from a retry of the run before it. A manual execution's go after
+  `intent_older_than`, as its intents do.
 
 Deleting an intent whose workflow can still retry gives up the publish fence's first
 memory, so nothing is deleted on a guess: when Conductor's answer is anything but one of
@@ -232,8 +237,15 @@ def collect(
         for workflow_id, keys, newest in _ledger_by_workflow(lakefs, repository):
             item = f"{repository}:{LEDGER_BRANCH}/{LEDGER_PREFIX}{workflow_id}/"
             answer = oracle.workflow(workflow_id)
-            if now - newest < intent_older_than and answer.state is _State.TERMINAL:
-                continue  # the ledger is the identity's memory: kept as long as the intents
+            if answer.state is _State.TERMINAL and (
+                not fences.is_manual(workflow_id) or now - newest < intent_older_than
+            ):
+                # The identity's memory outlives the intents: a workflow Conductor still
+                # knows can be retried by hand, and without its entries a retry of a rerun
+                # would resolve to the execution before the rerun (docs/fences.md). Only
+                # a 404 (Conductor forgot the workflow) frees them, or, for a manual
+                # execution, `intent_older_than`.
+                continue
             if not _settle(report, item, answer):
                 continue
             report.ledger_entries.extend(f"{repository}:{key}" for key in keys)

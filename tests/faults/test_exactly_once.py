@@ -19,6 +19,7 @@ from conftest import Harness, S
 from perago_testing import keys_at, suffix, task_of, workspace
 from perago_worker import fences
 from perago_worker.devstack.demo import wait_for_workflow
+from perago_worker.execution import LEDGER_BRANCH, LEDGER_PREFIX
 
 pytestmark = pytest.mark.faults
 
@@ -77,6 +78,46 @@ def test_retry_with_drifting_input_after_a_kill_at_merge_done_adopts_the_merge(
     assert not first.retried_task_id
     assert merge.metadata[fences.META_EXECUTION] in expected_executions(harness, case, first)
     assert merge.metadata[fences.META_ROOT_TASK] == first.task_id
+
+
+@pytest.mark.parametrize("ledger", ["kept by gc", "deleted by hand"])
+def test_a_retry_by_hand_after_gc_removed_the_intent_returns_the_merge(
+    harness: Harness, ledger: str
+) -> None:
+    # Merged, never reported; the workflow is terminated, and gc (zero thresholds) removes the
+    # intent. A person then retries the workflow: the retry must find the merge in the target's
+    # history, whether the ledger still knows the execution (gc keeps a workflow's entries
+    # while Conductor knows it) or its entries were deleted by hand.
+    doomed = harness.worker("doomed", faults="merge.done")
+    case = harness.start("ws", drift=True, files=2)
+    assert doomed.proc.wait(60) == -9, doomed.tail()
+    [landed] = harness.commits_since(case.branch, case.input_ref)
+    harness.terminate(case.workflow_id)
+    harness.wait_task(case, lambda t: t.status == "CANCELED", timeout=20)
+    report = harness.gc()
+    assert intents(harness) == {} and report.intent_branches, report
+    assert case.workflow_id in harness.ledger_workflows()  # terminal, still known: kept
+    if ledger == "deleted by hand":
+        keys = [
+            k
+            for k in harness.lakefs.list_keys(harness.repo, LEDGER_BRANCH, LEDGER_PREFIX)
+            if case.workflow_id in k
+        ]
+        harness.lakefs.delete_objects(harness.repo, LEDGER_BRANCH, keys)
+        assert case.workflow_id not in harness.ledger_workflows()
+    harness.retry(case.workflow_id)
+    survivor = harness.worker("survivor")
+    run = harness.verify(case)  # every commit since the input: exactly one
+    first, last = run.tasks[0], run.tasks[-1]
+    retried = {t.task_id: t.retried_task_id for t in run.tasks}
+    chain = [last.task_id]
+    while retried.get(chain[-1]):
+        chain.append(retried[chain[-1]])
+    assert len(chain) >= 2 and chain[-1] == first.task_id, [
+        (t.task_id, t.status, t.retried_task_id) for t in run.tasks
+    ]
+    assert last.output_data["workspace"]["ref"] == landed.id
+    assert [e for e in survivor.events() if e.get("event") == "handler.done"] == []
 
 
 # 2 -----------------------------------------------------------------------------------------

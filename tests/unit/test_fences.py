@@ -224,11 +224,29 @@ def test_an_unknown_link_that_retries_nothing_is_a_new_root() -> None:
     assert link_execution(SLOT, ROOT, None) == (execution_key(SLOT, ROOT), ROOT)
 
 
-def test_only_an_unknown_link_or_a_reset_starts_an_execution() -> None:
-    assert starts_execution(ROOT, None)
-    assert starts_execution(replace(ROOT, scheduled_time=9_000, start_time=9_100), ENTRY)
-    assert not starts_execution(replace(ROOT), ENTRY)
-    assert not starts_execution(replace(ROOT, retry_count=1, start_time=5_100), ENTRY)
+def test_a_reset_of_a_known_scheduling_is_proven_fresh_a_continued_one_is_not() -> None:
+    rerun = replace(ROOT, scheduled_time=9_000, start_time=9_100)
+    assert starts_execution(rerun, ENTRY, own_link=True)
+    assert starts_execution(rerun, ENTRY, own_link=False)
+    assert not starts_execution(replace(ROOT), ENTRY, own_link=True)
+    assert not starts_execution(
+        replace(ROOT, retry_count=1, start_time=5_100), ENTRY, own_link=True
+    )
+
+
+def test_an_unknown_first_scheduling_of_the_attempt_itself_is_proven_fresh() -> None:
+    assert starts_execution(ROOT, None, own_link=True)
+
+
+def test_an_unknown_root_of_a_retry_chain_is_not_proven_fresh() -> None:
+    # The chain's earlier tasks had attempts whose ledger entries are missing (never written,
+    # or removed): their merge may be in the history, which must be read.
+    assert not starts_execution(ROOT, None, own_link=False)
+
+
+def test_an_unknown_revival_is_not_proven_fresh() -> None:
+    # A retryCount above 0 on the attempt's own task id: an earlier scheduling ran.
+    assert not starts_execution(replace(ROOT, retry_count=1), None, own_link=True)
 
 
 @pytest.mark.parametrize(

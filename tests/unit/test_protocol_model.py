@@ -7,21 +7,24 @@ reruns from the task and restarts one task of one workflow, field by field as Co
 with a target branch (first-parent history, newest first), atomic branch creation, merges
 without compare-and-swap (merging a commit that is already merged answers "no changes"),
 create-only objects for the execution ledger (one per scheduling) and a gc that deletes
-intent branches once the workflow is terminal. The workers run the protocol of
+intent branches once the workflow is terminal (and keeps the ledger while Conductor knows the
+workflow, as `gc.collect` does). The workers run the protocol of
 `attempt.py`, `execution.py` and `publish.py` one step per rule and may crash between any
 two steps:
 
 1. a poll delivers the attempt: its token (`delivery_token`) and its `Incarnation`;
 2. `resolve`: the retry chain by GET, the ledger's entries for it (a later scheduling
    there: `later_scheduling`, stand down), the first link `link_execution` decides (the
-   key, the root; `starts_execution`: fresh); `record`: create the scheduling's
+   key, the root; `starts_execution`: proven fresh); `record`: create the scheduling's
    `LedgerEntry` (another delivery created it first: resolve again, from its entry);
 3. unless fresh: the history back to the root's scheduling (`history_ends`,
    `find_publish`) holds the merge: report it; else an intent exists: adopt it (to 7);
 4. the handler ran: a staged commit; 5. the attempt fence (`attempt_verdict`);
 6. claim the intent (`intent_branch`), or adopt the one there;
-7. the history check again, then the attempt fence; 8. the merge request (the intent
-   branch; "no changes" goes back to 7); 9. the fence, and a COMPLETED report.
+7. the history check again (skipped once, before the first request of a fresh execution
+   whose intent this attempt created: `merge_once(unpublished=True)`), then the attempt
+   fence; 8. the merge request (the intent branch; "no changes" goes back to 7); 9. the
+   fence, and a COMPLETED report.
 
 Every decision goes through the real pure functions of `perago_worker.fences`; the model
 keeps the ground truth (the logical execution each scheduling belongs to, the attempt
@@ -167,7 +170,9 @@ class Attempt:
     key: str = ""
     own: LedgerEntry | None = None  # the entry that decided the attempt's own link, as read
     tries: int = 0  # resolves so far (`LEDGER_TRIES`)
-    fresh: bool = False  # no attempt resolved the execution yet (`starts_execution`)
+    fresh: bool = False  # proven: no attempt resolved the execution yet (`starts_execution`)
+    claimed_own: bool = False  # its claim created the intent (not an adoption)
+    history_read: bool = False  # the history was searched since the claim
     staged: str = ""
     source: str = ""  # the staged commit the attempt will merge (its own or the intent's)
     ref: str = ""
@@ -414,9 +419,15 @@ class World:
         assert self.workflow_terminal
         del self.branches[name]
 
+    # gc keeps a workflow's ledger entries while Conductor knows the workflow (it can be
+    # retried); `gc_removes_the_ledger` models removing them with its intents (as gc did).
+    gc_removes_the_ledger = False
+
     def collect_all(self) -> None:
         for name in self.intents():
             self.gc(name)
+        if self.gc_removes_the_ledger:
+            self.ledger.clear()
 
     def foreign_commit(self) -> None:
         """Someone else commits to the target."""
@@ -499,13 +510,13 @@ class World:
             return
         attempt.own = self.entry(attempt.incarnation)
         decided = link_execution(slot, attempt.incarnation, attempt.own)
-        attempt.fresh = starts_execution(attempt.incarnation, attempt.own)
+        attempt.fresh = self.proven_fresh(attempt.incarnation, attempt.own, len(links) == 1)
         for link in links[1:]:
             if decided is not None:
                 break
             entry = self.entry(link)
             decided = link_execution(slot, link, entry)
-            attempt.fresh = starts_execution(link, entry)
+            attempt.fresh = self.proven_fresh(link, entry, False)
         assert decided is not None, "the chain's last link retries nothing"
         attempt.key, attempt.root = decided
         # The known, documented limitation (docs/fences.md), as narrow as the ledger leaves
@@ -521,6 +532,16 @@ class World:
             attempt.phase = Phase.RESOLVED  # this scheduling's entry decided: nothing to write
         else:
             attempt.phase = Phase.DECIDED
+
+    # `starts_execution` proves an execution fresh only from what the ledger can vouch for;
+    # `trust_an_unknown_chain` models the rule before it (any link the ledger did not know
+    # was taken as fresh), which merged twice once gc removed ledger entries.
+    trust_an_unknown_chain = False
+
+    def proven_fresh(self, link: Incarnation, entry: LedgerEntry | None, own_link: bool) -> bool:
+        if self.trust_an_unknown_chain and entry is None:
+            return True
+        return starts_execution(link, entry, own_link=own_link)
 
     def record(self, attempt: Attempt) -> None:
         """2. `Ledger.create`: the scheduling's entry, created with `If-None-Match: *`; if
@@ -575,14 +596,18 @@ class World:
         name = intent_branch(attempt.key)
         if name not in self.branches:  # lakeFS creates a branch atomically
             self.branches[name] = attempt.staged
+            attempt.claimed_own = True
         attempt.source = self.branches[name]
         attempt.phase = Phase.CLAIMED
 
     def pre_merge(self, attempt: Attempt) -> None:
-        """7. The history shows no publish of the key, then the fence says live."""
+        """7. The history shows no publish of the key, then the fence says live. The search
+        is skipped before the first request of a proven-fresh execution's own claim."""
         assert attempt.phase is Phase.CLAIMED
         self.tick()
-        record = self.published(attempt)
+        skip = attempt.fresh and attempt.claimed_own and not attempt.history_read
+        attempt.history_read = True
+        record = None if skip else self.published(attempt)
         if record is not None:
             attempt.ref = record.commit_id
             attempt.phase = Phase.FOUND
@@ -814,6 +839,71 @@ def test_an_intent_deleted_by_gc_after_the_merge_the_history_prevents_a_second_m
     assert retry.ref == first.ref
     assert len(world.merges()) == 1
     assert world.violations() == []
+
+
+def test_a_workflow_retry_after_gc_removed_the_intent_and_the_ledger_finds_the_merge() -> None:
+    # Even with the ledger gone (removed by hand), a retry chain the ledger does not know is
+    # not proven fresh: the retry reads the history and returns the merge.
+    world = World()
+    world.gc_removes_the_ledger = True
+    first = world.run(world.poll(), Phase.MERGED)
+    world.crash(first)  # merged, never reported
+    world.time_out(retry=False)
+    world.collect_all()
+    assert world.branches == {} and world.ledger == {}
+    world.retry_workflow(drift=True)
+    retry = world.run(world.poll())
+    assert not retry.fresh
+    assert retry.ref == first.ref
+    assert len(world.merges()) == 1
+    assert world.violations() == []
+
+
+def test_trusting_an_unknown_retry_chain_as_fresh_would_merge_twice_after_gc() -> None:
+    # Why `starts_execution` needs the attempt's own first scheduling to prove freshness (an
+    # audit found this hole: both history reads were skipped for such a retry).
+    world = World()
+    world.gc_removes_the_ledger = True
+    world.trust_an_unknown_chain = True
+    first = world.run(world.poll(), Phase.MERGED)
+    world.crash(first)
+    world.time_out(retry=False)
+    world.collect_all()
+    world.retry_workflow()
+    world.run(world.poll())
+    assert len(world.merges()) == 2
+    assert world.violations()[0].startswith("I1:")
+
+
+def _retry_of_a_merged_rerun_after_gc(world: World) -> tuple[Attempt, Attempt]:
+    world.time_out(retry=True)  # t1 times out unpolled: t2 retries it
+    world.run(world.poll())  # t2 publishes and completes
+    world.rerun()  # rerun from t2: a new execution at t2
+    rerun = world.run(world.poll(), Phase.MERGED)
+    world.crash(rerun)  # merged, never reported
+    world.time_out(retry=False)
+    world.collect_all()
+    world.retry_workflow()  # t3 retries the rerun
+    return rerun, world.run(world.poll())
+
+
+def test_gc_keeps_the_ledger_so_a_retry_of_a_merged_rerun_returns_the_reruns_merge() -> None:
+    world = World()
+    rerun, retry = _retry_of_a_merged_rerun_after_gc(world)
+    assert world.branches == {} and world.ledger != {}
+    assert retry.key == rerun.key
+    assert retry.ref == rerun.ref
+    assert world.violations() == []
+
+
+def test_removing_the_ledger_with_the_intents_would_give_a_rerun_the_run_before_it() -> None:
+    # Why gc keeps a workflow's ledger entries while Conductor knows the workflow: without
+    # them a retry of a rerun resolves to the execution before the rerun.
+    world = World()
+    world.gc_removes_the_ledger = True
+    rerun, retry = _retry_of_a_merged_rerun_after_gc(world)
+    assert retry.key != rerun.key
+    assert any(v.startswith("I4:") for v in world.violations())
 
 
 def test_an_attempt_redelivered_before_its_fence_never_merges() -> None:
