@@ -159,10 +159,17 @@ class _KeyAndSecret(AuthenticationSettings):  # type: ignore[misc]
         return self._credentials.secret
 
 
-def http_client(network: Network, url: str) -> httpx.Client:
+def http_client(network: Network, url: str, *, timeout: float) -> httpx.Client:
     """The httpx client conductor-python sends through, with the worker's TLS context and
     proxy (the SDK's own sets a transport, which makes httpx ignore the proxy variables,
-    and trusts certifi only). Pool limits and HTTP/2 as the SDK has them."""
+    and trusts certifi only). Pool limits and HTTP/2 as the SDK has them.
+
+    `timeout` (`conductor.request_timeout_seconds`) is the client's default, where the
+    SDK's is 120 s: it bounds every request sent without a `_request_timeout` of its own.
+    The SDK sends its token requests (`POST /token`: at start, when the token's TTL is
+    over, inside whichever call noticed it, and after an expired or invalid token) that
+    way, from private methods the worker cannot pass an argument to; a default on the one
+    client every request goes through bounds them all, including ones a later SDK adds."""
     proxy = network.proxy_for(url)
     http2 = os.getenv("CONDUCTOR_HTTP2_ENABLED", "true").strip().lower() not in (
         "0",
@@ -179,7 +186,7 @@ def http_client(network: Network, url: str) -> httpx.Client:
     )
     return httpx.Client(
         transport=transport,
-        timeout=httpx.Timeout(120.0, connect=10.0),
+        timeout=httpx.Timeout(timeout),
         follow_redirects=True,
         trust_env=False,
     )
@@ -204,21 +211,23 @@ class Conductor:
         config = Configuration(server_api_url=url.rstrip("/"), authentication_settings=auth)
         self.url = url.rstrip("/")
         self.network = network if network is not None else Network()
+        # Every request is bounded: the SDK's own default is 120 s, and a fence read that
+        # hangs is a window in which a superseded attempt could still act. `call` passes it
+        # to each request; the client's default (`http_client`) bounds the SDK's own token
+        # requests, the first of which `ApiClient(config)` sends.
+        self.request_timeout = request_timeout
         # The client is the SDK's only HTTP; it builds a fresh one after a broken connection,
-        # which must carry the same TLS and proxy.
-        config.http_connection = http_client(self.network, self.url)
+        # which must carry the same TLS, proxy and timeout.
+        config.http_connection = http_client(self.network, self.url, timeout=request_timeout)
         self._client = ApiClient(config)
         self._client.rest_client._create_default_httpx_client = lambda: http_client(
-            self.network, self.url
+            self.network, self.url, timeout=self.request_timeout
         )
         self.tasks = TaskResourceApi(self._client)
         self.metadata = MetadataResourceApi(self._client)
         self.workflows = WorkflowResourceApi(self._client)
         # Each call's retry budget unless it names its own (the preflight lowers it).
         self.retry_seconds = retry_seconds
-        # Every request is bounded: the SDK's own default is 120 s, and a fence read that
-        # hangs is a window in which a superseded attempt could still act.
-        self.request_timeout = request_timeout
 
     def call(
         self, fn: Callable[..., T], *args: Any, retry_seconds: float | None = None, **kwargs: Any

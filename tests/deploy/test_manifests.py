@@ -40,6 +40,7 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 OPERATIONS = ROOT / "docs" / "operations.md"
+FENCES = ROOT / "docs" / "fences.md"
 CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
 ALL_YAML = sorted([*CONFIGS, *(ROOT / "deploy").rglob("*.yaml")])
 
@@ -952,7 +953,7 @@ CONDUCTOR_IMAGE = re.compile(
     r"(?P<image>[\w./-]*conductor[\w./-]*):(?P<tag>v?\d+\.\d+\.\d+[\w.+-]*)"
 )
 CONDUCTOR_MENTION = re.compile(r"\bConductor(?: OSS)?\s+`?v?(?P<version>\d+\.\d+\.\d+)", re.I)
-VERSION_DOCS = [ROOT / "README.md", OPERATIONS]
+VERSION_DOCS = [ROOT / "README.md", OPERATIONS, FENCES]
 
 
 def deploy_files() -> list[Path]:
@@ -1028,6 +1029,33 @@ def test_the_tested_conductor_version_is_inside_the_supported_range() -> None:
     assert "3.32.x" in OPERATIONS.read_text() and f"tested: {tools.CONDUCTOR_VERSION}" in (
         OPERATIONS.read_text()
     )
+
+
+def _section(markdown: str, heading: str) -> str:
+    """The text under `## heading`, up to the next `## `."""
+    start = markdown.index(f"\n## {heading}\n")
+    end = markdown.find("\n## ", start + 1)
+    return markdown[start : end if end != -1 else len(markdown)]
+
+
+def test_the_fences_doc_names_the_supported_range_and_the_tested_version() -> None:
+    section = _section(FENCES.read_text(), "Supported Conductor versions")
+    found = re.findall(r"Supported: (\d+)\.(\d+)\.x, tested on (\d+\.\d+\.\d+)", section)
+    assert len(found) == 1, found
+    major, minor, tested = int(found[0][0]), int(found[0][1]), found[0][2]
+    low, high = preflight.SUPPORTED_CONDUCTOR
+    assert (low, high) == ((major, minor, 0), (major, minor + 1, 0))
+    assert tested == tools.CONDUCTOR_VERSION  # what every Conductor image in deploy/ runs
+    lines = re.findall(r"behaviours of Conductor (\d+)\.(\d+)\b", section)
+    assert lines == [(str(major), str(minor))]
+
+
+def test_the_fences_doc_dates_each_behaviour_as_the_operations_guide_does() -> None:
+    section = _section(FENCES.read_text(), "Supported Conductor versions")
+    since = set(re.findall(r"since (\d+\.\d+\.\d+)", section))
+    table = set(re.findall(r"\| (\d+\.\d+\.\d+) \|$", OPERATIONS.read_text(), re.M))
+    assert since, "the fences doc dates no behaviour"
+    assert since == table
 
 
 # -- the version comparison (pure) ------------------------------------------------------------

@@ -68,6 +68,49 @@ def test_fences_doc_quotes_the_chain_depth_token_size_and_intent_age() -> None:
     assert "(7 days by\ndefault)" in FENCES and age == 7 * 86400
 
 
+def _history_walk_page_sizes() -> list[int]:
+    """The `amount` of each log request the history walk (`execution.records`, through the
+    real `LakeFS.walk_log`) sends, over a target whose log is one empty page."""
+    from types import SimpleNamespace
+
+    from perago_worker import execution
+    from perago_worker.fences import Target
+    from perago_worker.lakefs import LakeFS
+
+    sent: list[int] = []
+
+    class OnePageLog:
+        refs = SimpleNamespace(log_commits=None)
+        walk_log = LakeFS.walk_log
+
+        def call(self, fn: object, *args: object, **kwargs: Any) -> object:
+            sent.append(kwargs["amount"])
+            return SimpleNamespace(results=[], pagination=SimpleNamespace(has_more=False))
+
+    list(execution.records(OnePageLog(), Target("repo", "main", ""), not_before=0))  # type: ignore[arg-type]
+    return sent
+
+
+def test_fences_doc_quotes_the_history_walks_page_size() -> None:
+    import re
+
+    quoted = re.findall(r"one log request per (\d+) commits", FENCES)
+    assert len(quoted) == 1, quoted
+    assert _history_walk_page_sizes() == [int(quoted[0])]
+
+
+def test_fences_doc_quotes_the_intent_branch_name_and_its_truncation() -> None:
+    import re
+
+    from perago_worker import fences
+
+    quoted = re.findall(r"`([\w-]+)<execution key\[:(\d+)\]>`", FENCES)
+    assert len(quoted) == 1, quoted
+    prefix, kept = quoted[0][0], int(quoted[0][1])
+    key = "0123456789abcdef" * 8  # longer than any execution key (sha256: 64 hex digits)
+    assert fences.intent_branch(key) == prefix + key[:kept]
+
+
 def test_fences_doc_quotes_the_lease_factor_and_the_unverifiable_fence_budget() -> None:
     import inspect
 
