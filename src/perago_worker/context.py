@@ -22,7 +22,24 @@ class NoWorkspaceError(AttributeError):
 
 
 class Cancelled(Exception):
-    """The attempt lost its lease (timed out, cancelled, re-delivered) or the worker drains."""
+    """Raised by `check_cancelled`: the attempt was stopped and will publish nothing.
+
+    Its causes (the message is the cancellation's reason):
+
+    * the attempt fence (the lease keeper's read-back, or the check before a merge) found it
+      no longer the live delivery: Conductor no longer knows the task, the task is no longer
+      IN_PROGRESS (timed out, cancelled, finished elsewhere), or it was delivered again
+      (superseded by another worker's poll, or polled again);
+    * the worker's drain grace ran out (`drain_grace_seconds` after SIGTERM) before the
+      attempt began to publish;
+    * the attempt passed its own deadline (the task's `timeout=`, else `task_timeout_seconds`,
+      else its definition's timeout) before it began to publish (reported `timed_out`, see
+      `expire`);
+    * for a manual `perago-worker exec --publish` run, Ctrl-C before the publish began.
+
+    With `isolation="process"` a lost lease or the drain's end reaches `check_cancelled` in
+    the handler's child; at the deadline the child's process group is killed instead.
+    """
 
 
 class UnknownConfigKey(KeyError):

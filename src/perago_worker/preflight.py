@@ -1,9 +1,13 @@
 """Validate before taking tasks: the order is the order an operator would debug in.
 
-settings -> handlers import -> Conductor -> Conductor version -> lakeFS -> each allowed
-repository (read and write) -> scratch root (writable, free disk) -> task definitions present
-and compatible. A check that cannot run because an earlier one failed is reported as skipped;
-a check that passed with a reservation is reported as a warning (it does not stop `run`).
+settings -> handlers import -> Conductor reachable and authorized -> Conductor version
+supported -> lakeFS reachable and authorized -> object data path (`lakefs.data_path`: the
+API or presigned) -> each allowed repository readable and writable (a probe branch created
+and deleted; for presigned transfers, the store's origin answering) -> scratch root writable
+with free disk -> task definitions present and compatible. Conductor and lakeFS are probed
+at the same time but reported in that order. A check that cannot run because an earlier one
+failed is reported as skipped; a check that passed with a reservation is reported as a
+warning (it does not stop `run`).
 
 The preflight answers fast when a server is down: its clients retry each call for at most
 `PREFLIGHT_RETRY_SECONDS` (the worker's own clients retry for 30-60 s), Conductor and lakeFS
@@ -31,7 +35,7 @@ from typing import Any
 import urllib3
 
 from perago_worker.app import Worker
-from perago_worker.conductor import Conductor
+from perago_worker.conductor import Conductor, ConductorError
 from perago_worker.devstack.tools import CONDUCTOR_VERSION as TESTED_CONDUCTOR
 from perago_worker.lakefs import DataPathUnavailable, LakeFS, LakeFSError, NotFound, Unauthorized
 from perago_worker.lakefs.presigned import PresignedTransfers
@@ -136,7 +140,15 @@ _CONNECTION_FAILURES = (
 
 
 def describe(exc: BaseException, url: str) -> str:
-    """One line naming why a probe failed; a failed connection says where and how."""
+    """One line naming why a probe failed; a failed connection says where and how, in the
+    same words for both servers (Conductor's client reports a failed connection as a
+    `ConductorError` with status 0, carrying the resolver's or the socket's own words)."""
+    if isinstance(exc, ConductorError) and exc.status == 0:
+        text = str(exc).lower()
+        for needle, what in _CONNECTION_FAILURES:
+            if needle in text:
+                return f"cannot connect to {url}: {what}"
+        return _short(exc)
     if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
         text = str(exc).lower()
         for needle, what in _CONNECTION_FAILURES:
@@ -166,6 +178,13 @@ def run_preflight(
     *,
     app_error: str | None = None,
 ) -> list[Result]:
+    """Every check, in the order the module docstring lists (and operations.md's table).
+
+    One result per check and per allowed repository, whatever fails: settings, handlers
+    import, Conductor reachable and authorized, Conductor version supported, lakeFS
+    reachable and authorized, object data path, repository R readable and writable (each
+    R), scratch root writable with free disk, task definitions present and compatible.
+    """
     results: list[Result] = [Result("settings", True, f"environment {settings.environment}")]
 
     if app is not None:

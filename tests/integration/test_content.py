@@ -4,7 +4,9 @@ never serves an attempt anything but the committed bytes of the ref it asked for
 Each test reproduces a defect found on real servers: a rewrite with the same bytes was
 staged (and lakeFS answered the commit "no changes"); a same-size in-place edit that kept
 the mtime was invisible, and was then filed in the cache under the original object, so the
-next attempt was served the edited bytes.
+next attempt was served the edited bytes; and in the former `link` cache mode a warm cache
+hard-linked its entry into the workspace, so an in-place edit of a file served from the cache
+changed the entry itself, and every later attempt on that commit.
 """
 
 from __future__ import annotations
@@ -259,3 +261,34 @@ def test_after_a_published_in_place_edit_each_ref_materializes_its_own_bytes(
         seen = ok(run_task(worker, STAT_TASK, repo, input_ref, branch))["result"]["seen"]
         assert seen == committed, input_ref
     assert committed["data/c.bin"] != sha(read(lakefs, repo, edited, "data/c.bin", tmp_path))
+
+
+def test_an_in_place_edit_of_a_file_served_from_a_warm_cache_never_reaches_the_next_attempt(
+    worker: InProcessWorker, lakefs: LakeFS, repo: str, tmp_path: Path
+) -> None:
+    branch, ref = base(lakefs, repo, tmp_path)
+    committed = {key: sha(read(lakefs, repo, ref, key, tmp_path)) for key in FILES}
+    ok(run_task(worker, STAT_TASK, repo, ref, branch))  # warms the cache with every file
+    hits_before = metric("perago_cache_hits_total", STAT_TASK)
+
+    failed = run_task(
+        worker,
+        STAT_TASK,
+        repo,
+        ref,
+        branch,
+        ops=[{"op": "edit_keep_mtime", "path": "data/a.txt", "content": "EDITED"}],
+        fail_after=True,
+    )
+
+    assert task_of(failed).status == "FAILED_WITH_TERMINAL_ERROR"
+    # The edited attempt was served every file from the cache, the edited one included.
+    assert metric("perago_cache_hits_total", STAT_TASK) - hits_before == len(FILES)
+    assert lakefs.branch_head(repo, branch) == ref  # nothing was published
+    hash_hits_before = metric("perago_cache_hits_total", HASH_TASK)
+
+    output = ok(run_task(worker, HASH_TASK, repo, ref, branch))
+
+    assert output["result"]["seen"] == committed
+    # Served from the cache again, every file: the edit never reached an entry.
+    assert metric("perago_cache_hits_total", HASH_TASK) - hash_hits_before == len(FILES)
