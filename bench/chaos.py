@@ -30,9 +30,8 @@ from Conductor and lakeFS alone, what the worker promises:
   after Conductor had given its task up merged outside its fences;
 * every completed workspace task's output ref is the merge carrying its execution, and each
   transform read the ref its ingest returned;
-* after gc: no staging branch, no intent branch, no attempt folder under any worker's
-  scratch root; and, once Conductor forgot the workflows (`DELETE /workflow/{id}/remove`),
-  no ledger entry (a finished workflow's stay while Conductor can still retry it);
+* after gc: no staging branch, no intent branch and no ledger entry of a finished workflow,
+  no attempt folder under any worker's scratch root;
 * no secret (lakeFS or object store secret key) in any worker log.
 
 `run_soak` returns a `ChaosReport` (also written as JSON with `--report`); its `problems`
@@ -739,32 +738,10 @@ def scan_logs(slots: list[WorkerSlot], secrets: list[str], report: ChaosReport) 
                     )
 
 
-def remove_workflows(conductor: Conductor, workflow_ids: list[str]) -> list[str]:
-    """`DELETE /workflow/{id}/remove` for each: Conductor forgets them (then answers 404).
-    Returns a problem line per workflow it would not remove."""
-    problems: list[str] = []
-    with httpx.Client(timeout=30) as client:
-        for workflow_id in workflow_ids:
-            resp = client.delete(
-                f"{conductor.url}/workflow/{workflow_id}/remove",
-                params={"archiveWorkflow": "false"},
-            )
-            if resp.status_code >= 300:
-                problems.append(f"Conductor would not remove {workflow_id}: {resp.status_code}")
-    return problems
-
-
 def verify_gc(
-    lakefs: LakeFS,
-    conductor: Conductor,
-    repo: str,
-    slots: list[WorkerSlot],
-    report: ChaosReport,
-    workflow_ids: list[str],
+    lakefs: LakeFS, conductor: Conductor, repo: str, slots: list[WorkerSlot], report: ChaosReport
 ) -> None:
-    """gc (with zero thresholds: every workflow is finished) must leave nothing behind: no
-    folder or branch at once, and no ledger entry once Conductor forgot the workflows (a
-    terminal workflow's entries stay while Conductor can still retry it)."""
+    """gc (with zero thresholds: every workflow is finished) must leave nothing behind."""
     totals: Counter[str] = Counter()
     for i, slot in enumerate(slots):
         last = i == len(slots) - 1
@@ -775,6 +752,7 @@ def verify_gc(
             [repo],
             older_than=0,
             intent_older_than=0,
+            ledger_older_than=0,
             conductor_retry_seconds=30,
         )
         totals["attempt_dirs"] += len(gc.attempt_dirs)
@@ -797,21 +775,10 @@ def verify_gc(
         left_branches = [name for name, _ in lakefs.list_branches(repo, prefix)]
         if left_branches:
             report.problems.append(f"{prefix}* branches left after gc: {left_branches[:10]}")
-    report.problems.extend(remove_workflows(conductor, workflow_ids))
-    forgotten = collect(
-        slots[-1].scratch,
-        lakefs,
-        conductor,
-        [repo],
-        older_than=0,
-        intent_older_than=0,
-        conductor_retry_seconds=30,
-    )
-    report.gc["ledger_entries"] = report.gc.get("ledger_entries", 0) + len(forgotten.ledger_entries)
     with contextlib.suppress(NotFound):
         entries = list(lakefs.list_keys(repo, LEDGER_BRANCH, LEDGER_PREFIX))
         if entries:
-            report.problems.append(f"ledger entries of forgotten workflows left: {entries[:5]}")
+            report.problems.append(f"ledger entries of finished workflows left: {entries[:5]}")
 
 
 # -- the soak ---------------------------------------------------------------------------------
@@ -1039,7 +1006,7 @@ def run_soak(
     worker_ids = {w for s in slots for w in s.worker_ids}
     expected = verify_runs(started, runs, report)
     verify_target(lakefs, repo, base, started, runs, expected, worker_ids, report)
-    verify_gc(lakefs, conductor, repo, slots, report, [s.workflow_id for s in started])
+    verify_gc(lakefs, conductor, repo, slots, report)
     secrets = sorted(
         {
             DEV_SECRET_ACCESS_KEY,

@@ -519,9 +519,10 @@ class Attempt:
     def _fence(self) -> bool:
         """Cancellation, the attempt fence (a Conductor read-back), and cancellation again.
 
-        The read-back can take up to its retry budget; a cancellation that lands meanwhile (a
-        lost lease, the deadline) must stop the merge it precedes, so it is read after the
-        fence's answer too, immediately before the caller sends the request."""
+        The read-back can take up to its retry budget; a cancellation that lands meanwhile (the
+        lease keeper finding the attempt superseded, or, before the claim, the deadline or the
+        drain) must stop the request it precedes, so it is read after the fence's answer too,
+        immediately before the caller sends the claim or the merge."""
         return not self.ctx.cancelled and self.still_live() and not self.ctx.cancelled
 
     def _adopted(self, kind: str, ref: str, *, merged: bool, ws: WorkspaceRef) -> None:

@@ -217,6 +217,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         repositories=args.repository,
         older_than=args.older_than,
         intent_older_than=args.intent_older_than,
+        ledger_older_than=args.ledger_older_than,
         dry_run=args.dry_run,
     )
     verb = "would remove" if args.dry_run else "removed"
@@ -531,6 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="intent branches of terminal workflows "
         "(default: the gc_intent_older_than_seconds setting)",
+    )
+    gc.add_argument(
+        "--ledger-older-than",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="execution ledger entries of terminal workflows "
+        "(default: the gc_ledger_older_than_seconds setting)",
     )
     gc.add_argument(
         "--repository", action="append", help="repeatable; default: allowed_repositories"

@@ -13,8 +13,8 @@ docs/fences.md has the table of cases.
   retry revives, keeps the task id and bumps retryCount.
 * An **execution** is a chain of incarnations linked by retries (`root_of` checks the chain
   `retriedTaskId` draws). Conductor does not record a rerun anywhere (a rerun task even keeps
-  its `retriedTaskId`), so the worker keeps its own memory: the *execution ledger*, one entry
-  per task id holding the newest incarnation an attempt resolved and its execution. Walking
+  its `retriedTaskId`), so the worker keeps its own memory: the *execution ledger*, one
+  create-only entry per scheduling an attempt resolved, holding its execution. Walking
   the chain from the attempt, the first link the ledger knows decides (`link_execution`):
   the same scheduling continues its execution, a bumped retryCount continues it too (a retry
   that kept the task id), any other reset starts a new one (a rerun); a link the ledger does

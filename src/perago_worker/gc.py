@@ -10,10 +10,11 @@
   than `intent_older_than` (a terminal workflow can still be rerun or retried by hand; the
   target's history still holds a merge, so a retry after that finds it there).
   A manual execution's (`exec --publish`) counts as a terminal workflow's.
-* Execution ledger entries: the identity's memory. Removed only when Conductor answers 404
-  for their workflow; a terminal workflow's stay, since a retry by hand still needs them to
-  tell a retry of a rerun from a retry of the run before it. A manual execution's go after
-  `intent_older_than`, as its intents do.
+* Execution ledger entries: the identity's memory. Removed only once the newest entry of
+  their workflow is older than `ledger_older_than` (30 days by default; the intents' is 7)
+  and Conductor answers 404 for it or says it is terminal: a retry by hand within
+  that window still needs them to tell a retry of a rerun from a retry of the run before
+  it. A manual execution's go after `intent_older_than`, as its intents do.
 
 Deleting an intent whose workflow can still retry gives up the publish fence's first
 memory, so nothing is deleted on a guess: when Conductor's answer is anything but one of
@@ -186,6 +187,7 @@ def collect(
     *,
     older_than: float,
     intent_older_than: float = 7 * 86400,
+    ledger_older_than: float = 30 * 86400,
     dry_run: bool = False,
     conductor_retry_seconds: float = DEFAULT_CONDUCTOR_RETRY_SECONDS,
 ) -> GcReport:
@@ -236,16 +238,15 @@ def collect(
                 lakefs.delete_branch(repository, name)
         for workflow_id, keys, newest in _ledger_by_workflow(lakefs, repository):
             item = f"{repository}:{LEDGER_BRANCH}/{LEDGER_PREFIX}{workflow_id}/"
-            answer = oracle.workflow(workflow_id)
-            if answer.state is _State.TERMINAL and (
-                not fences.is_manual(workflow_id) or now - newest < intent_older_than
-            ):
-                # The identity's memory outlives the intents: a workflow Conductor still
-                # knows can be retried by hand, and without its entries a retry of a rerun
-                # would resolve to the execution before the rerun (docs/fences.md). Only
-                # a 404 (Conductor forgot the workflow) frees them, or, for a manual
-                # execution, `intent_older_than`.
+            # The identity's memory outlives the intents: a terminal workflow can be retried
+            # by hand, and without its entries a retry of a rerun would resolve to the
+            # execution before the rerun (docs/fences.md). A workflow's entries are not even
+            # asked about before `ledger_older_than`, so a round costs one Conductor read per
+            # workflow of that window at most; a manual execution's go with its intents.
+            window = intent_older_than if fences.is_manual(workflow_id) else ledger_older_than
+            if now - newest < window:
                 continue
+            answer = oracle.workflow(workflow_id)
             if not _settle(report, item, answer):
                 continue
             report.ledger_entries.extend(f"{repository}:{key}" for key in keys)
@@ -292,10 +293,11 @@ def collect_configured(
     repositories: list[str] | None = None,
     older_than: float | None = None,
     intent_older_than: float | None = None,
+    ledger_older_than: float | None = None,
     dry_run: bool = False,
 ) -> GcReport:
     """`collect` with the settings' scratch root, thresholds (`gc_older_than_seconds`,
-    `gc_intent_older_than_seconds`) and repositories (`allowed_repositories`); an argument
+    `gc_intent_older_than_seconds`, `gc_ledger_older_than_seconds`) and repositories (`allowed_repositories`); an argument
     that is not None overrides its setting. `perago-worker gc` and `PeriodicGc` both run it."""
     return collect(
         settings.scratch_root,
@@ -307,6 +309,11 @@ def collect_configured(
             settings.gc_intent_older_than_seconds
             if intent_older_than is None
             else intent_older_than
+        ),
+        ledger_older_than=(
+            settings.gc_ledger_older_than_seconds
+            if ledger_older_than is None
+            else ledger_older_than
         ),
         dry_run=dry_run,
     )
@@ -435,6 +442,7 @@ def schedule(
         every_seconds=every,
         older_than_seconds=settings.gc_older_than_seconds,
         intent_older_than_seconds=settings.gc_intent_older_than_seconds,
+        ledger_older_than_seconds=settings.gc_ledger_older_than_seconds,
         repositories=list(settings.allowed_repositories),
     )
     return PeriodicGc(

@@ -225,6 +225,26 @@ class InFlight:
         return f"{self.task.task_id}@{self.ctx.delivery_token}"
 
 
+def renews_lease(entry: InFlight, now: float, publish_bound: float) -> bool:
+    """Is `entry`'s lease extension due at `now` (monotonic)?
+
+    Not once it is reported (an extension after the report could reopen the task), and not
+    when cancelled (superseded, past its deadline, given up by the drain: its task id may
+    already belong to a newer delivery, whose lease is not ours). Past its deadline only
+    while it publishes, and never more than `publish_bound` (`Runner.publish_wait_seconds`)
+    past it: the deadline covers everything up to the publish, which it does not cut, and
+    a publish that began in time ends within that bound. Letting its lease lapse mid-merge
+    would time the task out after its merge landed, and fail the workflow if no retry is
+    left.
+    """
+    if entry.reported or entry.ctx.cancelled or entry.next_lease > now:
+        return False
+    deadline = entry.ctx.deadline
+    if deadline is None or now < deadline:
+        return True
+    return entry.ctx.publishing and now < deadline + publish_bound
+
+
 class Runner:
     def __init__(self, app: Worker, deps: Deps, lifecycle: Lifecycle | None = None) -> None:
         self.app = app
@@ -771,12 +791,8 @@ class Runner:
                     continue
                 if e.ctx.expire("the attempt passed its deadline"):
                     e.ctx.log.warning("attempt.deadline", seconds_over=round(now - deadline, 3))
-            # A cancelled attempt (superseded, past its deadline, or given up by the drain)
-            # renews nothing: its task id may already belong to a newer delivery, whose lease
-            # is not ours. One past its deadline that is publishing keeps its lease.
-            due = [
-                e for e in entries if e.next_lease <= now and not e.reported and not e.ctx.cancelled
-            ]
+            bound = self.publish_wait_seconds
+            due = [e for e in entries if renews_lease(e, now, bound)]
             if faultpoints.armed("lease.disabled"):
                 due = []
             for entry in due:

@@ -303,6 +303,13 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="gc removes intent branches of terminal workflows older than this",
     )
+    gc_ledger_older_than_seconds: float = Field(
+        30 * 86400.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="gc removes the execution ledger entries of a terminal workflow (or of "
+        "one Conductor answers 404 for) once its newest entry is older than this",
+    )
     queue_depth_every_seconds: float = Field(
         15.0,
         ge=0,

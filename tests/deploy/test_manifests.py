@@ -541,6 +541,7 @@ def test_the_gc_cronjob_has_the_workers_config_and_credentials(
         "allowed_repositories",
         "gc_older_than_seconds",
         "gc_intent_older_than_seconds",
+        "gc_ledger_older_than_seconds",
         "scratch_root",
     ):
         assert getattr(job, name) == getattr(worker, name), name

@@ -282,22 +282,13 @@ class Harness:
             return {urllib.parse.unquote(k[len(LEDGER_PREFIX) :].split("/", 1)[0]) for k in keys}
         return set()
 
-    def remove_workflow(self, workflow_id: str) -> None:
-        """`DELETE /workflow/{id}/remove`: Conductor forgets the workflow (then answers 404)."""
-        resp = httpx.delete(
-            f"{self.conductor.url}/workflow/{workflow_id}/remove",
-            params={"archiveWorkflow": "false"},
-            timeout=30,
-        )
-        assert resp.status_code < 300, resp.text
-
     def retry(self, workflow_id: str) -> None:
         """`POST /workflow/{id}/retry`: retry the last failed, timed-out or cancelled task."""
         resp = httpx.post(f"{self.conductor.url}/workflow/{workflow_id}/retry", timeout=30)
         assert resp.status_code < 300, resp.text
 
-    def gc(self) -> Any:
-        """gc as the shipped schedule runs it, with zero thresholds."""
+    def gc(self, *, ledger_older_than: float = 30 * 86400) -> Any:
+        """gc as the shipped schedule runs it, with zero thresholds but the ledger's."""
         return collect(
             self.scratch,
             self.lakefs,
@@ -305,29 +296,25 @@ class Harness:
             [self.repo],
             older_than=0,
             intent_older_than=0,
+            ledger_older_than=ledger_older_than,
         )
 
     def gc_clean(self) -> None:
         """gc with zero thresholds leaves nothing of this test's finished workflows: no attempt
-        folder, staging or intent branch at once; their ledger entries stay while Conductor
-        knows the workflows (a retry by hand still needs them) and go once it forgets them."""
+        folder, staging or intent branch at once; their ledger entries outlive the intents
+        (a retry by hand still needs them) and go once past the ledger's own window."""
         for proc in self.workers:
             proc.stop()
-
+        recorded = self.sweeper.workflows & self.ledger_workflows()
         self.gc()
         assert [
             p for p in self.scratch.iterdir() if p.is_dir() and not p.name.startswith(".")
         ] == []
         assert list(self.lakefs.list_branches(self.repo, fences.STAGING_PREFIX)) == []
         assert list(self.lakefs.list_branches(self.repo, fences.INTENT_PREFIX)) == []
-        ours = self.sweeper.workflows & self.ledger_workflows()
-        if not ours:
-            return
-        for workflow_id in ours:
-            self.sweeper.workflows.discard(workflow_id)
-            self.remove_workflow(workflow_id)
-        self.gc()
-        assert self.ledger_workflows() & ours == set()
+        assert self.ledger_workflows() >= recorded  # kept: younger than the ledger's window
+        self.gc(ledger_older_than=0)
+        assert self.ledger_workflows() & self.sweeper.workflows == set()
 
 
 def drifting_workflow(conductor: Conductor, task_type: str, param_keys: list[str]) -> str:

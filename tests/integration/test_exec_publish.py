@@ -115,6 +115,29 @@ def test_rerunning_with_the_execution_id_adopts_the_merge_instead_of_merging_aga
     assert read(lakefs, name, "main", "notes/b.txt", tmp_path) == b"beta"
 
 
+def test_rerunning_with_the_execution_id_after_gc_removed_its_intent_and_ledger_merges_once(
+    endpoints: Endpoints, lakefs: LakeFS, conductor: Any, repo: tuple[str, str], tmp_path: Path
+) -> None:
+    # gc removes a manual execution's intent and ledger entries on a timer; a re-run with its
+    # id must still find the merge, in the target's history (a manual execution is never
+    # taken as fresh).
+    name, base = repo
+    first = publish(endpoints, tmp_path, name, {"name": "c", "text": "gamma"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    execution = json.loads(first.stdout)["execution_id"]
+    report = collect(
+        tmp_path / "scratch", lakefs, conductor, [name], older_than=0, intent_older_than=0
+    )
+    assert report.intent_branches and report.ledger_entries, report
+    again = publish(
+        endpoints, tmp_path, name, {"name": "c", "text": "other"}, "--execution-id", execution
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    [merge] = above(lakefs, name, base)
+    assert json.loads(again.stdout)["output"]["ref"] == merge.id
+    assert read(lakefs, name, "main", "notes/c.txt", tmp_path) == b"gamma"
+
+
 def test_a_run_without_the_execution_id_is_a_new_execution(
     endpoints: Endpoints, lakefs: LakeFS, repo: tuple[str, str], tmp_path: Path
 ) -> None:

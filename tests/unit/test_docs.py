@@ -483,3 +483,24 @@ def test_the_data_path_section_quotes_the_presigned_paths_thresholds_and_renewal
     assert missing == []
     ops = OPERATIONS[OPERATIONS.index("## The object store") :]
     assert f"files over {presigned.SINGLE_PUT_MAX // (1024 * mib)} GiB go through the\n  API" in ops
+
+
+def test_handlers_guide_quotes_the_publish_bound_a_lease_outlives_the_deadline_by() -> None:
+    merge = _field_default(Settings, "merge_retry_seconds")
+    request = _field_default(LakeFSSettings, "request_timeout_seconds")
+    bound = float(merge) + 2 * float(request)  # type: ignore[arg-type]
+    assert "two lakeFS request timeouts (180 s by default)" in HANDLERS and bound == 180
+
+
+def test_the_docs_quote_the_ledgers_gc_window_as_the_code_has_it() -> None:
+    import inspect
+
+    from perago_worker import gc
+
+    window = float(_field_default(Settings, "gc_ledger_older_than_seconds"))  # type: ignore[arg-type]
+    intents = float(_field_default(Settings, "gc_intent_older_than_seconds"))  # type: ignore[arg-type]
+    assert inspect.signature(gc.collect).parameters["ledger_older_than"].default == window
+    assert window == 30 * 86400 and intents == 7 * 86400
+    assert "`--ledger-older-than` (30 days by default, against 7 for the" in FENCES
+    assert "before `--ledger-older-than` (30 days by default)" in FENCES
+    assert "`gc_ledger_older_than_seconds`, 2592000 or 30 days" in OPERATIONS.replace("\n", " ")

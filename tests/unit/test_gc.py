@@ -495,6 +495,7 @@ def test_cli_gc_prints_unverifiable_branches_with_their_reason(
         repository=[REPO],
         older_than=0.0,
         intent_older_than=0.0,
+        ledger_older_than=0.0,
         dry_run=False,
     )
     assert cli.cmd_gc(args) == 0
@@ -508,6 +509,10 @@ def test_cli_gc_prints_unverifiable_branches_with_their_reason(
 # --- the execution ledger ------------------------------------------------------------------
 
 
+LEDGER_WINDOW = 10 * 86400  # the window these tests give gc.collect's ledger_older_than
+YOUNG_LEDGER = time.time() - 5 * 86400  # inside it, though older than the intents' window
+
+
 def _ledger_gc(answer: Answer, *, mtime: float = OLD) -> tuple[FakeLakeFS, Any]:
     lakefs = FakeLakeFS()
     lakefs.add_ledger("wf-1", "t-1", mtime)
@@ -519,6 +524,7 @@ def _ledger_gc(answer: Answer, *, mtime: float = OLD) -> tuple[FakeLakeFS, Any]:
         [REPO],
         older_than=0,
         intent_older_than=3600,
+        ledger_older_than=LEDGER_WINDOW,
     )
     return lakefs, report
 
@@ -530,12 +536,33 @@ def test_ledger_entries_of_a_workflow_conductor_no_longer_knows_are_removed() ->
 
 
 @pytest.mark.parametrize("status", ["COMPLETED", "FAILED", "TIMED_OUT", "TERMINATED"])
-def test_ledger_entries_of_a_terminal_workflow_are_kept_however_old(status: str) -> None:
+def test_ledger_entries_of_a_terminal_workflow_outlive_its_intents_for_the_ledger_window(
+    status: str,
+) -> None:
     # A terminal workflow can still be retried by hand; its entries tell a retry of a rerun
-    # from a retry of the run before it. Only a 404 frees them.
-    lakefs, report = _ledger_gc(status)
+    # from a retry of the run before it.
+    lakefs, report = _ledger_gc(status, mtime=YOUNG_LEDGER)
     assert len(lakefs.ledger) == 1
     assert report.ledger_entries == []
+    lakefs, report = _ledger_gc(status)
+    assert lakefs.ledger == {} and len(report.ledger_entries) == 1
+
+
+def test_ledger_entries_inside_the_window_are_not_even_asked_about() -> None:
+    lakefs = FakeLakeFS()
+    lakefs.add_ledger("wf-1", "t-1", YOUNG_LEDGER)
+    conductor = FakeConductor(workflows_by_id={"wf-1": ConductorError(404, "not found")})
+    collect(
+        Path("/nonexistent-scratch"),
+        lakefs,  # type: ignore[arg-type]
+        conductor,  # type: ignore[arg-type]
+        [REPO],
+        older_than=0,
+        intent_older_than=0,
+        ledger_older_than=LEDGER_WINDOW,
+    )
+    assert len(lakefs.ledger) == 1
+    assert [a for a in conductor.asked if "wf-1" in a] == []
 
 
 @pytest.mark.parametrize(
