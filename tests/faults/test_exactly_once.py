@@ -9,7 +9,12 @@ poll; a pre-merge hook's veto fails the task terminally with nothing merged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +23,11 @@ import pytest
 from conftest import Harness, S
 from perago_testing import keys_at, suffix, task_of, workspace
 from perago_worker import fences
+from perago_worker.conductor import Conductor
 from perago_worker.devstack.demo import wait_for_workflow
+from perago_worker.devstack.servers import free_port
 from perago_worker.execution import LEDGER_BRANCH, LEDGER_PREFIX
+from perago_worker.gc import collect
 
 pytestmark = pytest.mark.faults
 
@@ -118,6 +126,75 @@ def test_a_retry_by_hand_after_gc_removed_the_intent_returns_the_merge(
     ]
     assert last.output_data["workspace"]["ref"] == landed.id
     assert [e for e in survivor.events() if e.get("event") == "handler.done"] == []
+
+
+@contextlib.contextmanager
+def hanging_server() -> Iterator[str]:
+    """A Conductor URL whose server accepts connections and never answers (a hung one)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("outage", ["down", "hung"])
+def test_gc_during_a_conductor_outage_deletes_nothing_a_killed_attempt_left(
+    harness: Harness, outage: str
+) -> None:
+    # A real attempt killed after its claim leaves a staging branch, an intent and its ledger
+    # entry; its workflow is terminated. gc with every threshold 0 but Conductor down (a
+    # closed port) or hung (answers nothing) deletes none of them, and lists them as
+    # unverifiable; with Conductor back, the same gc deletes them all.
+    doomed = harness.worker("doomed", faults="claim.done")
+    case = harness.start("ws")
+    assert doomed.proc.wait(60) == -9, doomed.tail()
+    harness.terminate(case.workflow_id)
+    harness.wait_task(case, lambda t: t.status == "CANCELED", timeout=20)
+    staged = dict(harness.lakefs.list_branches(harness.repo, fences.STAGING_PREFIX))
+    claimed = intents(harness)
+    assert staged and claimed and case.workflow_id in harness.ledger_workflows()
+    with contextlib.ExitStack() as stack:
+        if outage == "down":
+            url = f"http://127.0.0.1:{free_port()}/api"
+        else:
+            url = stack.enter_context(hanging_server())
+        started = time.monotonic()
+        report = collect(
+            harness.scratch,
+            harness.lakefs,
+            Conductor(url, request_timeout=1),
+            [harness.repo],
+            older_than=0,
+            intent_older_than=0,
+            ledger_older_than=0,
+            conductor_retry_seconds=2,
+        )
+        elapsed = time.monotonic() - started
+    assert report.staging_branches == report.intent_branches == report.ledger_entries == []
+    assert dict(harness.lakefs.list_branches(harness.repo, fences.STAGING_PREFIX)) == staged
+    assert intents(harness) == claimed
+    assert case.workflow_id in harness.ledger_workflows()
+    assert len(report.unverifiable) >= 3, report.unverifiable  # staging, intent, ledger group
+    assert elapsed < 60, "every Conductor call is bounded"
+    harness.verify(case, status="TERMINATED")  # gc with Conductor back leaves nothing
 
 
 # 2 -----------------------------------------------------------------------------------------
