@@ -33,6 +33,10 @@ ENV_NAME = re.compile(r"^(dev|staging|prod|personal-[a-z0-9][a-z0-9-]{0,40})$")
 
 
 class LakeFSSettings(BaseModel):
+    # A misspelt key (`request_timeout` for `request_timeout_seconds`) is refused, naming
+    # the field, rather than silently leaving the default in place.
+    model_config = ConfigDict(extra="forbid")
+
     endpoint: str = "http://127.0.0.1:8000"
     access_key_id: str = ""
     secret_access_key: SecretStr = SecretStr("")
@@ -87,6 +91,8 @@ class TaskOptionsSetting(BaseModel):
 
 
 class ConductorSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is refused, not ignored
+
     url: str = "http://127.0.0.1:8080/api"
     auth_key: str | None = None
     auth_secret: SecretStr | None = None

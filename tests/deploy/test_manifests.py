@@ -748,7 +748,7 @@ def _promtool_cases() -> Iterator[dict[str, Any]]:
             },
         ],
     }
-    labels = 'task_type="t",fence="attempt",kind="other_worker"'
+    labels = 'task_type="t",fence="attempt",kind="superseded"'
     yield {
         "interval": "1m",
         "input_series": [
@@ -765,7 +765,7 @@ def _promtool_cases() -> Iterator[dict[str, Any]]:
                             "severity": "info",
                             "task_type": "t",
                             "fence": "attempt",
-                            "kind": "other_worker",
+                            "kind": "superseded",
                         }
                     }
                 ],

@@ -504,3 +504,13 @@ def test_the_docs_quote_the_ledgers_gc_window_as_the_code_has_it() -> None:
     assert "`--ledger-older-than` (30 days by default, against 7 for the" in FENCES
     assert "before `--ledger-older-than` (30 days by default)" in FENCES
     assert "`gc_ledger_older_than_seconds`, 2592000 or 30 days" in OPERATIONS.replace("\n", " ")
+
+
+def test_handlers_guide_quotes_the_result_reason_and_masking_limits_as_the_code_has_them() -> None:
+    from perago_worker import contract, publish
+    from perago_worker.observability import logging as plog
+
+    text = HANDLERS.replace("\n", " ")
+    assert "at most 256 KiB of JSON" in text and publish.MAX_RESULT_METADATA == 256 * 1024
+    assert f"most {contract.MAX_REASON} UTF-16 units" in text
+    assert f"secrets of {plog.MIN_SECRET} or more characters" in text

@@ -85,6 +85,19 @@ def test_unknown_yaml_key_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
         Settings()
 
 
+@pytest.mark.parametrize(
+    ("section", "misspelt"), [("lakefs", "request_timeout"), ("conductor", "urll")]
+)
+def test_an_unknown_key_under_lakefs_or_conductor_is_refused_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, section: str, misspelt: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"{section}:\n  {misspelt}: 5\n")
+    monkeypatch.setenv("PERAGO_CONFIG", str(path))
+    with pytest.raises(ValidationError, match=misspelt):
+        Settings()
+
+
 def test_lakefs_endpoint_api_suffix_is_stripped() -> None:
     settings = Settings(lakefs={"endpoint": "http://lakefs:8000/api/v1/"})
     assert settings.lakefs.endpoint == "http://lakefs:8000"
