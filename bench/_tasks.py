@@ -119,12 +119,36 @@ def wait_completed(b: Bench, workflow_id: str, deadline: float) -> None:
         time.sleep(0.02)
 
 
-def latency_once(b: Bench, kind: str) -> float:
-    """Seconds from start_workflow to seeing COMPLETED."""
+def latency_once(b: Bench, kind: str, parts: list[dict[str, float]] | None = None) -> float:
+    """Seconds from start_workflow to seeing COMPLETED; with `parts`, where they went."""
     started = time.perf_counter()
     workflow_id = b.conductor.start_workflow(workflow_name(kind), workflow_input(b))
     wait_completed(b, workflow_id, started + WORKFLOW_TIMEOUT)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if parts is not None:  # read after the clock stopped: not part of the sample
+        parts.append(latency_parts(b, workflow_id, seconds * 1000))
+    return seconds
+
+
+# Where one sample's time went, from Conductor's own timestamps (ms, one clock: the server's).
+PARTS = {
+    "queued": "scheduled -> polled (the task waiting for a worker's poll)",
+    "worker": "polled -> updated (the worker's own time, its report included)",
+    "decide": "updated -> workflow ended (Conductor deciding after the report)",
+    "rest": "the rest (the start request, the harness's 20 ms status polling)",
+}
+
+
+def latency_parts(b: Bench, workflow_id: str, total_ms: float) -> dict[str, float]:
+    run = b.conductor.get_workflow(workflow_id)
+    [task] = run.tasks or []
+    created, ended = float(run.create_time or 0), float(run.end_time or 0)
+    return {
+        "queued": float(task.start_time or 0) - float(task.scheduled_time or 0),
+        "worker": float(task.end_time or 0) - float(task.start_time or 0),
+        "decide": ended - float(task.end_time or 0),
+        "rest": total_ms - (ended - created),
+    }
 
 
 def throughput_once(b: Bench, kind: str, count: int) -> float:
@@ -400,6 +424,7 @@ def case_tasks(
     lat: dict[str, dict[str, list[float]]] = {
         k: {"p50": [], "p95": []} for k in ("noop", "write", "bare")
     }
+    parts: dict[str, list[dict[str, float]]] = {k: [] for k in lat}
     rate: dict[int, dict[str, list[float]]] = {c: {"perago": [], "bare": []} for c in concurrencies}
     # CPU ms per task of each process in each throughput run, and the machine's busy share.
     cpu: dict[tuple[int, str], list[dict[str, float]]] = {}
@@ -415,7 +440,9 @@ def case_tasks(
                 for rep in range(b.repeat):
                     if concurrency == LATENCY_CONCURRENCY:
                         for kind in kinds:
-                            samples = [latency_once(b, kind) * 1000 for _ in range(sequential)]
+                            samples = [
+                                latency_once(b, kind, parts[kind]) * 1000 for _ in range(sequential)
+                            ]
                             lat[kind]["p50"].append(percentile(samples, 50))
                             lat[kind]["p95"].append(percentile(samples, 95))
                             log(
@@ -465,6 +492,23 @@ def case_tasks(
                 target=THROUGHPUT_TARGET if concurrency in THROUGHPUT_TARGETED else None,
             )
         )
+    if parts["bare"]:
+        lines = [
+            "Where the latency samples' time went, from Conductor's timestamps of each "
+            "workflow and its task (median ms over all samples of all repeats; "
+            + "; ".join(f"`{k}`: {v}" for k, v in PARTS.items())
+            + "):\n",
+            "| worker, task | " + " | ".join(PARTS) + " |",
+            "|---|" + "---|" * len(PARTS),
+        ]
+        for kind, label in (
+            ("bare", "bare"),
+            ("noop", "perago, no-op"),
+            ("write", "perago, one-file"),
+        ):
+            cells = [f"{median([p[k] for p in parts[kind]]):.1f}" for k in PARTS]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        section.tables.append("\n".join(lines))
     if cpu:
         names = ["worker", "lakeFS", "Conductor", "store", "bench", "machine busy %"]
         names = [n for n in names if any(n in u for runs in cpu.values() for u in runs)]

@@ -252,7 +252,7 @@ class Attempt:
         if workspace is None:
             result = self._handle(params)
             return Outcome(Status.COMPLETED, TaskOutput(result=result).to_conductor())
-        return self._run_workspace(workspace, params, parsed.params)
+        return self._run_workspace(workspace, params)
 
     def _check_repository(self, ws: WorkspaceRef) -> None:
         settings = self.deps.settings
@@ -335,9 +335,7 @@ class Attempt:
         )
         return Outcome(Status.COMPLETED, TaskOutput(workspace=out_ws, result=result).to_conductor())
 
-    def _run_workspace(
-        self, ws: WorkspaceRef, params: BaseModel, raw_params: dict[str, Any]
-    ) -> Outcome:
+    def _run_workspace(self, ws: WorkspaceRef, params: BaseModel) -> Outcome:
         deps, ctx, spec = self.deps, self.ctx, self.spec
         assert spec.workspace is not None
         prefix = spec.workspace.key_prefix
@@ -388,6 +386,14 @@ class Attempt:
         succeeded = False
         staged_branch_made = False
         manifest: Manifest = {}
+        delete_staging = functools.partial(deps.lakefs.delete_branch, ws.repository, staging)
+        deleting: list[Ahead[bool]] = []
+
+        def staging_done() -> None:
+            """Once the intent holds the staged commit (or another attempt's), the staging
+            branch has served: delete it beside the fence read and the merge."""
+            deleting.append(Ahead(delete_staging, name="delete-staging"))
+
         try:
             # Inside the try: a folder whose record fails is still released (and its lock).
             attempt_dir.record(staging_branch=staging)
@@ -478,22 +484,54 @@ class Attempt:
                 relative_to_key(r, prefix) for r in changes.deleted
             ]
             outcome = self._publish(
-                execution, ws, staged, message, provenance, adopted=False, ours=ours, result=result
+                execution,
+                ws,
+                staged,
+                message,
+                provenance,
+                adopted=False,
+                ours=ours,
+                result=result,
+                on_claim=staging_done,
             )
             succeeded = outcome.status == Status.COMPLETED
             return outcome
         finally:
-            if staged_branch_made:
-                delete = functools.partial(deps.lakefs.delete_branch, ws.repository, staging)
-                if self.defer_cleanup:
-                    self.cleanups.append(delete)
-                else:
-                    with contextlib.suppress(Exception):
-                        delete()
-            if deps.cache is not None and manifest:
-                self._feed_cache(manifest, attempt_dir.root)
-            attempt_dir.release(remove=succeeded or not settings.keep_failed_workspaces)
             ctx.bind_workspace(None)
+            release = functools.partial(
+                self._release_folder,
+                attempt_dir,
+                manifest,
+                remove=succeeded or not settings.keep_failed_workspaces,
+            )
+            if staged_branch_made:
+                # A publish: the report's fence read follows, which the tidying overlaps
+                # (the local tidying first, then the wait for the deletion it overlaps).
+                self._tidy(release)
+            else:
+                # No publish: a no-change completion was verified live already and reads
+                # no fence before its report, so there is nothing to overlap.
+                release()
+            if deleting:
+                self._tidy(deleting[0].result)
+            elif staged_branch_made:
+                self._tidy(delete_staging)
+
+    def _tidy(self, step: Callable[[], object]) -> None:
+        """Tidying left once the outcome is known: collected in `cleanups` for the runner to
+        run beside the report's fence read (`defer_cleanup`), else done now. A failure is
+        left to gc and the folder sweep, as it always was: it never changes the outcome."""
+        if self.defer_cleanup:
+            self.cleanups.append(step)
+        else:
+            with contextlib.suppress(Exception):
+                step()
+
+    def _release_folder(self, attempt_dir: AttemptDir, manifest: Manifest, *, remove: bool) -> None:
+        """Feed the cache from the attempt's untouched files, then remove the folder."""
+        if self.deps.cache is not None and manifest:
+            self._feed_cache(manifest, attempt_dir.root)
+        attempt_dir.release(remove=remove)
 
     def _execution(self, ws: WorkspaceRef, prefix: str) -> Execution:
         ctx, deps = self.ctx, self.deps
@@ -546,11 +584,13 @@ class Attempt:
         adopted: bool,
         ours: list[str] | None = None,
         result: dict[str, Any] | None = None,
+        on_claim: Callable[[], None] | None = None,
     ) -> Outcome:
         """Claim the execution's publish (unless adopting one) and merge it exactly once.
 
         `result` is the handler's own result, which the staged commit carries: when the
         claim holds that commit it is the answer, so it is not read back from lakeFS.
+        `on_claim` is called once the intent branch holds the commit to merge.
         """
         deps, ctx = self.deps, self.ctx
         if not ctx.begin_publish():
@@ -570,6 +610,8 @@ class Attempt:
         if adopted:
             ours = None  # not our change set: conflicts are reported from the claimed commit
         faultpoints.hit("claim.done")
+        if on_claim is not None:
+            on_claim()
         merge_figures = publish.MergeFigures()
         with self.phase("merge") as figures:
             try:

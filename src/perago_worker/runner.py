@@ -603,11 +603,13 @@ class Runner:
         """One attempt, then its tail: the fenced report, outside the attempt's slot.
 
         The slot bounds attempts doing work (a workspace, a handler, a publish). Once
-        `Attempt.run` returns, all that is left is waiting on servers: the staging branch's
-        deletion, the attempt fence's read and the report. So the slot goes back to the poll
-        loop at once, and the next task's poll and start overlap this tail. The tail stays
-        in flight (the drain waits for it) and keeps its order: the fence read, then the
-        report, on this thread; the deletion runs beside the fence read.
+        `Attempt.run` returns, all that is left is tidying and waiting on servers: a
+        publish's folder fed to the cache and removed, the staging branch's deletion
+        (started once the claim held the commit), the attempt fence's read and the report.
+        So the slot goes back to the poll loop at once, and the next task's poll and start
+        overlap this tail. The tail stays in flight (the drain waits for it) and keeps its
+        order: the fence read, then the report, on this thread; the tidying runs beside the
+        fence read and is done before the report.
         """
         spec, ctx = entry.spec, entry.ctx
         ctx.log.info("attempt.start", reference_name=ctx.reference_name)
@@ -641,7 +643,8 @@ class Runner:
                 outcome.report = False
             elif outcome.report and not outcome.verified_live and not self.is_live(entry):
                 outcome.report = False
-            if cleanup is not None:  # done before the report: a COMPLETED task left no branch
+            if cleanup is not None:  # done before the report: a COMPLETED task left no
+                # staging branch and no attempt folder
                 cleanup.join(self.publish_wait_seconds)
             if outcome.report:
                 self._report(entry, outcome)
